@@ -1,0 +1,3 @@
+from mpirefine.cli import main
+
+raise SystemExit(main())

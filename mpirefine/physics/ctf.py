@@ -1,0 +1,95 @@
+"""The contrast transfer function in RELION's convention (ctf.cpp).
+
+Defocus is positive for underfocus, in Å; the astigmatism angle is the angle of the
+defocus-U axis from X.  With k in 1/Å and θ = atan2(ky, kx):
+
+    λ  = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))           (V in volts, λ in Å)
+    Δf = DfU cos²(θ - θast) + DfV sin²(θ - θast)
+    γ  = -π λ Δf k² + (π/2) Cs λ³ k⁴ - φ - atan(Q0 / sqrt(1 - Q0²))
+    CTF = -sin(γ) · exp(-B k² / 4) · scale
+
+Every function takes the frequency grids' array namespace (NumPy or CuPy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from mpirefine.backend import array_namespace
+
+
+def electron_wavelength_A(voltage_kV):
+    """Relativistic electron wavelength in Å for an accelerating voltage in kV."""
+    v = np.asarray(voltage_kV, float) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+@dataclass(frozen=True)
+class CTFParams:
+    """Per-particle CTF parameters, each a 1-D NumPy array of length n (or a scalar)."""
+
+    defocus_u_A: np.ndarray
+    defocus_v_A: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kV: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray = 0.0
+    bfactor_A2: np.ndarray = 0.0
+    scale: np.ndarray = 1.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = np.atleast_1d(np.asarray(getattr(self, f.name), dtype=np.float64))
+            object.__setattr__(self, f.name, value)
+        n = len(self)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v.shape[0] not in (1, n):
+                raise ValueError(f"CTF parameter {f.name} has {v.shape[0]} values, expected {n}")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"CTF parameter {f.name} contains NaN or Inf")
+        if np.any(self.voltage_kV <= 0):
+            raise ValueError("CTF voltage must be positive (kV)")
+        if np.any((self.amplitude_contrast < 0) | (self.amplitude_contrast >= 1)):
+            raise ValueError("CTF amplitude contrast must lie in [0, 1)")
+
+    def __len__(self) -> int:
+        return max(getattr(self, f.name).shape[0] for f in fields(self))
+
+    def subset(self, index) -> "CTFParams":
+        def pick(v):
+            return v if v.shape[0] == 1 else v[index]
+
+        return CTFParams(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+
+def evaluate_ctf(params: CTFParams, kx_A, ky_A, dtype=None):
+    """CTF values for every particle on a frequency grid.
+
+    kx_A, ky_A: frequency grids in 1/Å, same shape S (NumPy or CuPy).
+    Returns an array of shape (n, *S) in the grids' namespace, ``dtype`` (default float32).
+    """
+    xp = array_namespace(kx_A, ky_A)
+    dtype = dtype or xp.float32
+
+    def col(v):
+        return xp.asarray(v, dtype=xp.float64).reshape((-1,) + (1,) * kx_A.ndim)
+
+    lam = col(electron_wavelength_A(params.voltage_kV))
+    cs_A = col(params.cs_mm * 1e7)
+    q0 = np.clip(params.amplitude_contrast, 0.0, 0.999999)
+    k3 = col(np.arctan(q0 / np.sqrt(1.0 - q0 ** 2)))
+    phi = col(np.radians(params.phase_shift_deg))
+    kx = xp.asarray(kx_A, dtype=xp.float64)[None]
+    ky = xp.asarray(ky_A, dtype=xp.float64)[None]
+    k2 = kx * kx + ky * ky
+    theta = xp.arctan2(ky, kx)
+    mean = col(0.5 * (params.defocus_u_A + params.defocus_v_A))
+    half_diff = col(0.5 * (params.defocus_u_A - params.defocus_v_A))
+    defocus = mean + half_diff * xp.cos(2.0 * (theta - col(np.radians(params.defocus_angle_deg))))
+    gamma = -np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_A * lam ** 3 * k2 * k2 - phi - k3
+    ctf = -xp.sin(gamma) * xp.exp(-col(params.bfactor_A2) * k2 / 4.0) * col(params.scale)
+    return ctf.astype(dtype)
