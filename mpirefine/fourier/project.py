@@ -1,0 +1,141 @@
+"""Projection: central slices of a 2×-padded 3-D transform, trilinear interpolation.
+
+The volume transform is stored in half space (kx ≥ 0).  A sample at a point q with
+qx < 0 is read as the complex conjugate at -q (the volume is real).  After that
+flip every trilinear corner has x ≥ 0, so the half-space array suffices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpirefine.backend import array_namespace
+from mpirefine.fourier.transforms import (
+    centered_irfft2,
+    centered_rfft3,
+    freq_grid_2d,
+    gridding_correction,
+    pad_volume,
+    phase_shift_2d,
+)
+
+
+@dataclass
+class VolumeFT:
+    """A volume's centred half-space transform on a padded grid.
+
+    data: (P, P, P // 2 + 1) complex64, [kz, ky, kx], P = pad · n.
+    n: the volume's side in voxels; pad: the padding factor.
+    """
+
+    data: object
+    n: int
+    pad: int
+
+    @property
+    def size(self) -> int:
+        return self.data.shape[0]
+
+
+def volume_ft(volume, pad: int = 2, gridding: bool = True) -> VolumeFT:
+    """Transform a real (n, n, n) volume for slice extraction.
+
+    With ``gridding`` the volume is first divided by the sinc² footprint of trilinear
+    interpolation, so that interpolated slices match exact projections.
+    """
+    xp = array_namespace(volume)
+    n = volume.shape[0]
+    size = pad * n
+    vol = xp.asarray(volume, dtype=xp.float32)
+    if gridding:
+        vol = vol / gridding_correction(n, size, xp)
+    data = centered_rfft3(pad_volume(vol, size)).astype(xp.complex64)
+    return VolumeFT(data=data, n=n, pad=pad)
+
+
+def slice_coordinates(rotations, kx, ky, pad: int):
+    """Padded-grid coordinates (qx, qy, qz) of A^T (kx, ky, 0) · pad.
+
+    rotations: (R, 3, 3) RELION matrices A; kx, ky: (K,) frequencies in cycles per box.
+    Returns three (R, K) float32 arrays.
+    """
+    xp = array_namespace(rotations, kx)
+    A = xp.asarray(rotations, dtype=xp.float32)
+    kx = xp.asarray(kx, dtype=xp.float32)[None, :] * pad
+    ky = xp.asarray(ky, dtype=xp.float32)[None, :] * pad
+    # (A^T k)_i = A[0, i] kx + A[1, i] ky
+    return tuple(A[:, 0, i, None] * kx + A[:, 1, i, None] * ky for i in range(3))
+
+
+def trilinear_stencil(qx, qy, qz, size: int):
+    """Flat indices and weights of the 8 trilinear corners in a half-space grid.
+
+    Points with qx < 0 are mirrored to -q (``flip`` is True there: the value is the
+    conjugate).  Corners outside the grid get weight 0 (and a safe index).
+    Returns (index (8, ...) int64, weight (8, ...) float32, flip (...) bool).
+    """
+    xp = array_namespace(qx)
+    flip = qx < 0
+    sign = xp.where(flip, -1.0, 1.0).astype(xp.float32)
+    qx, qy, qz = qx * sign, qy * sign, qz * sign
+    half = size // 2
+    nx = half + 1
+    x0 = xp.floor(qx)
+    y0 = xp.floor(qy)
+    z0 = xp.floor(qz)
+    fx, fy, fz = qx - x0, qy - y0, qz - z0
+    x0 = x0.astype(xp.int64)
+    y0 = y0.astype(xp.int64) + half
+    z0 = z0.astype(xp.int64) + half
+    indices, weights = [], []
+    for dz in (0, 1):
+        wz = fz if dz else 1.0 - fz
+        iz = z0 + dz
+        for dy in (0, 1):
+            wy = fy if dy else 1.0 - fy
+            iy = y0 + dy
+            for dx in (0, 1):
+                wx = fx if dx else 1.0 - fx
+                ix = x0 + dx
+                ok = (ix < nx) & (iy >= 0) & (iy < size) & (iz >= 0) & (iz < size)
+                indices.append(xp.where(ok, (iz * size + iy) * nx + ix, 0))
+                weights.append(xp.where(ok, wz * wy * wx, 0.0).astype(xp.float32))
+    return xp.stack(indices), xp.stack(weights), flip
+
+
+def extract_slices(vft: VolumeFT, rotations, kx, ky):
+    """Central-slice samples of the volume at A^T (kx, ky, 0).
+
+    rotations: (R, 3, 3); kx, ky: (K,) cycles per box of the *unpadded* images.
+    Returns (R, K) complex64: the Fourier transform of each projection at (kx, ky).
+    """
+    xp = array_namespace(vft.data)
+    q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), vft.pad)
+    index, weight, flip = trilinear_stencil(*q, vft.size)
+    flat = vft.data.ravel()
+    values = (flat[index] * weight).sum(axis=0)
+    return xp.where(flip, xp.conj(values), values).astype(xp.complex64)
+
+
+def project_transforms(vft: VolumeFT, rotations):
+    """Full half-plane transforms of the projections, shape (R, n, n // 2 + 1)."""
+    xp = array_namespace(vft.data)
+    n = vft.n
+    ky, kx = freq_grid_2d(n, xp)
+    slices = extract_slices(vft, rotations, kx.ravel(), ky.ravel())
+    return slices.reshape(-1, n, n // 2 + 1)
+
+
+def project_images(vft: VolumeFT, rotations, shifts_px=None, ctf=None):
+    """Real-space projections, shape (R, n, n), float32.
+
+    shifts_px: (R, 2) image shifts (x, y) applied after projection; ctf: (R, n, n // 2 + 1)
+    CTF values multiplied in Fourier space (both optional).
+    """
+    f = project_transforms(vft, rotations)
+    if ctf is not None:
+        f = f * ctf
+    if shifts_px is not None:
+        f = phase_shift_2d(f, shifts_px, vft.n)
+    xp = array_namespace(f)
+    return centered_irfft2(f, vft.n).astype(xp.float32)
