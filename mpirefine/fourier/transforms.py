@@ -42,7 +42,7 @@ def centered_rfft3(volume):
 def centered_irfft3(transform, n: int):
     """Inverse of :func:`centered_rfft3` for a volume of side n."""
     xp = array_namespace(transform)
-    vol = xp.fft.irfftn(xp.fft.ifftshift(transform, axes=(0, 1)), s=(n, n, n))
+    vol = xp.fft.irfftn(xp.fft.ifftshift(transform, axes=(0, 1)), s=(n, n, n), axes=(0, 1, 2))
     return xp.fft.fftshift(vol)
 
 

@@ -58,8 +58,8 @@ def angular_distance_deg(A, B) -> np.ndarray:
     """Angle of the rotation A B^T, degrees, for matching stacks of matrices."""
     A = np.asarray(A, float).reshape(-1, 3, 3)
     B = np.asarray(B, float).reshape(-1, 3, 3)
-    trace = np.einsum("nij,nij->n", A, B)
-    return np.degrees(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
+    # SciPy's magnitude is accurate near 0, unlike arccos of the trace
+    return np.degrees(Rotation.from_matrix(A @ B.transpose(0, 2, 1)).magnitude())
 
 
 def viewing_direction(A) -> np.ndarray:
