@@ -33,3 +33,29 @@ def mask_outside_sphere(volume, radius_px: float | None = None, width_px: float 
     outside = 1.0 - inside
     background = (volume * outside).sum() / xp.maximum(outside.sum(), 1e-12)
     return (volume * inside + background * outside).astype(volume.dtype)
+
+
+def dynamic_mask(half_map, resolution_A: float, pixel_size_A: float, threshold: float,
+                 near: float, far: float, absolute: bool = False):
+    """The dynamic refinement mask of one half map (NumPy, host; once per iteration).
+
+    Voxels above ``threshold`` × the map's maximum (of |map| when ``absolute``) form the
+    core; the mask is 1 out to ``near`` × resolution from the core and falls to 0 with
+    a raised-cosine edge at ``far`` × resolution (distances in Å, v5 convention).
+    """
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt
+
+    from mpirefine.backend import to_numpy
+
+    v = to_numpy(half_map).astype(np.float64)
+    if absolute:
+        v = np.abs(v)
+    peak = v.max()
+    core = v > threshold * peak if peak > 0 else np.zeros(v.shape, bool)
+    if not core.any():  # nothing above threshold: no masking rather than an empty mask
+        return np.ones(v.shape, np.float32)
+    dist_A = distance_transform_edt(~core) * pixel_size_A
+    near_A, far_A = near * resolution_A, far * resolution_A
+    t = np.clip((dist_A - near_A) / max(far_A - near_A, 1e-6), 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)

@@ -1,0 +1,41 @@
+"""Options and set-up shared by the subcommands that process particles."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--gpu", dest="device", action="store_const", const="gpu",
+                   help="use a GPU per rank (CuPy); error if none is usable")
+    g.add_argument("--cpu", dest="device", action="store_const", const="cpu",
+                   help="use NumPy on the CPU even if a GPU is present")
+    parser.set_defaults(device="auto")
+
+
+def add_particle_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("particles", help="particle file: RELION .star (3.0–5.0) or CryoSPARC .cs")
+    parser.add_argument("--project-dir", default=None,
+                        help="folder that relative stack paths are resolved against "
+                             "(default: the particle file's folder, then the current one)")
+    parser.add_argument("--chunk-size", type=int, default=256, metavar="N",
+                        help="images processed at once per rank (memory only; no effect "
+                             "on results) [256]")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results already in --out")
+
+
+def random_split(n: int, seed: int):
+    """A seeded 50/50 half-set split (0 = A, 1 = B), independent of the rank layout."""
+    import numpy as np
+
+    perm = np.random.default_rng(seed).permutation(n)
+    split = np.empty(n, np.int8)
+    split[perm[0::2]] = 0
+    split[perm[1::2]] = 1
+    return split

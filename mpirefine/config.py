@@ -1,0 +1,124 @@
+"""Every parameter of a homogeneous refinement, in one frozen, validated object.
+
+Built once at the CLI boundary (the library never sees argparse) and saved with the
+results.  Units are in the names.  Parameters whose behaviour is not built yet are
+still accepted here with their defaults; :meth:`RefineConfig.unsupported` lists any
+that a user changed, and the CLI refuses to run with them (never silently ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from mpirefine.errors import InputError, NotSupportedError
+
+RELAXATION_METHODS = ("none", "maximization", "marginalization")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    # inputs
+    particles: str
+    volume: str
+    out_dir: str
+    mask: str | None = None                     # static refinement mask (alignment only)
+    project_dir: str | None = None
+    # window dataset (real space); radii as fractions of half the box
+    window: bool = True
+    window_inner: float = 0.85
+    window_outer: float = 0.99
+    # symmetry
+    symmetry: str = "C1"
+    symmetry_relaxation: str = "none"
+    symmetry_alignment: bool = True
+    # reference and iterations
+    reestimate_greyscale: bool = True
+    extra_final_passes: int = 0
+    adaptive_marginalization: bool = False
+    max_align_resolution_A: float | None = None
+    initial_lowpass_A: float = 20.0
+    gsfsc_split_resolution_A: float = 20.0
+    max_iterations: int = 30
+    # minibatches
+    batchsize_epsilon: float = 0.001
+    batchsize_snrfactor: float = 40.0
+    disable_auto_batchsize: bool = False
+    # per-particle scale and noise
+    minimize_scale: bool = False
+    reset_scale: bool = True
+    noise_from_images: bool = False
+    # dynamic masking (near/far as multiples of the current resolution, as in v5)
+    dynamic_mask: bool = True
+    dynamic_mask_start_resolution_A: float = 12.0
+    dynamic_mask_threshold: float = 0.2
+    dynamic_mask_near: float = 0.5
+    dynamic_mask_far: float = 1.2
+    dynamic_mask_absolute: bool = False
+    # CTF refinement and Ewald sphere (not built yet)
+    optimize_defocus: bool = False
+    optimize_ctf_global: bool = False
+    ewald_correction: bool = False
+    ewald_curvature: str = "negative"
+    # computation (no effect on results)
+    image_batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        def positive(name):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+
+        for name in ("initial_lowpass_A", "gsfsc_split_resolution_A", "batchsize_epsilon",
+                     "batchsize_snrfactor", "dynamic_mask_start_resolution_A",
+                     "max_align_resolution_A", "dynamic_mask_near", "dynamic_mask_far"):
+            positive(name)
+        if not 0 < self.window_inner <= self.window_outer <= 1.0:
+            raise InputError(
+                f"window radii must satisfy 0 < --window-inner ({self.window_inner}) <= "
+                f"--window-outer ({self.window_outer}) <= 1 (fractions of half the box)")
+        if self.batchsize_epsilon >= 1:
+            raise InputError(f"--batchsize-epsilon is a fraction in (0, 1), got {self.batchsize_epsilon}")
+        if not 0 <= self.dynamic_mask_threshold <= 1:
+            raise InputError(f"--dynamic-mask-threshold must lie in [0, 1], got {self.dynamic_mask_threshold}")
+        if self.dynamic_mask_far < self.dynamic_mask_near:
+            raise InputError("--dynamic-mask-far must not be smaller than --dynamic-mask-near")
+        if self.extra_final_passes < 0 or self.max_iterations < 1:
+            raise InputError("--extra-final-passes must be >= 0 and --max-iterations >= 1")
+        if self.image_batch_size < 1:
+            raise InputError(f"--image-batch-size must be >= 1, got {self.image_batch_size}")
+        if self.symmetry_relaxation not in RELAXATION_METHODS:
+            raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
+        if self.ewald_curvature not in ("negative", "positive"):
+            raise InputError("--ewald-curvature must be 'negative' or 'positive'")
+
+    def unsupported(self) -> list[str]:
+        """Reasons this configuration cannot run yet (empty when it can)."""
+        problems = []
+        if self.symmetry.upper() != "C1":
+            problems.append(f"--symmetry {self.symmetry}: only C1 is supported yet")
+        if self.symmetry_relaxation != "none":
+            problems.append(f"--symmetry-relaxation {self.symmetry_relaxation}: symmetry "
+                            "relaxation is not supported yet")
+        if self.optimize_defocus:
+            problems.append("--optimize-defocus: per-particle defocus refinement is not supported yet")
+        if self.optimize_ctf_global:
+            problems.append("--optimize-ctf-global: global CTF refinement is not supported yet")
+        if self.ewald_correction:
+            problems.append("--ewald-correction: Ewald sphere correction is not supported yet")
+        return problems
+
+    def check_supported(self) -> None:
+        problems = self.unsupported()
+        if problems:
+            raise NotSupportedError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

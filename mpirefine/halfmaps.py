@@ -1,0 +1,127 @@
+"""Gold-standard half maps: insertion of aligned particles, reduction, reconstruction, FSC.
+
+Every rank inserts its particles into the accumulator of each half it serves; the
+sums are reduced onto the half roots (world ranks 0 and 1, or rank 0 alone), which
+reconstruct, swap maps and compute the FSC.  The half maps are reconstructed twice:
+first nearly unregularised, then with the SSNR implied by that first FSC.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpirefine.backend import array_namespace, to_numpy
+from mpirefine.fourier.backproject import Accumulator
+from mpirefine.fourier.reconstruct import reconstruct, ssnr_from_fsc
+from mpirefine.fourier.transforms import freq_grid_2d, phase_shift_2d, radius_2d
+from mpirefine.fsc import fsc_curve
+
+PAD = 2
+
+
+def insertion_frequencies(n: int, xp):
+    """(kx, ky, mask) of the half-plane pixels inside the Nyquist circle (flattened)."""
+    ky, kx = freq_grid_2d(n, xp)
+    inside = (radius_2d(n, xp) <= n // 2).ravel()
+    return kx.ravel()[inside], ky.ravel()[inside], inside
+
+
+def insert_particles(acc: Accumulator, images_ft, ctf, noise_weight, rotations, shifts_px,
+                     scale, posterior=None) -> None:
+    """Backproject particles at their poses.
+
+    images_ft: (B, n, n//2+1) windowed transforms; ctf: (B, n, n//2+1);
+    noise_weight: (n, n//2+1) = 1/σ²; rotations (B, M, 3, 3) or (B, 3, 3);
+    shifts_px (B, M, 2) or (B, 2) (RELION origins in px: the image is shifted by +t);
+    scale (B,); posterior (B, M) weights summing to 1 per particle, or None.
+    Inserts a·C·X·w/σ² and a²·C²·w/σ² for every (particle, candidate).
+    """
+    xp = array_namespace(images_ft)
+    n = acc.n
+    kx, ky, inside = insertion_frequencies(n, xp)
+    B = images_ft.shape[0]
+    rot = xp.asarray(rotations, dtype=xp.float32).reshape(B, -1, 3, 3)
+    shifts = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
+    M = rot.shape[1]
+    post = xp.ones((B, M), xp.float32) if posterior is None else xp.asarray(posterior, xp.float32)
+    a = xp.asarray(scale, dtype=xp.float32).reshape(B, 1, 1)
+    cw = (ctf * noise_weight[None]).reshape(B, -1)[:, inside]          # C/σ²
+    c2w = (ctf * ctf * noise_weight[None]).reshape(B, -1)[:, inside]   # C²/σ²
+    for m in range(M):
+        x = phase_shift_2d(images_ft, shifts[:, m], n).reshape(B, -1)[:, inside]
+        p = post[:, m, None]
+        values = (a[:, :, 0] * p) * cw * x
+        weights = (a[:, :, 0] ** 2 * p) * c2w
+        acc.insert(rot[:, m], values, weights, kx, ky)
+
+
+def reduce_accumulators(par, accs: dict) -> None:
+    """Sum each served half's accumulator onto its half root (in place)."""
+    for half, acc in accs.items():
+        par.reduce_half(acc.data, half)
+        par.reduce_half(acc.weight, half)
+
+
+def _pair_maps(par, mine: dict) -> dict:
+    """Both half maps on the root pair: {0: map_A, 1: map_B} (host NumPy)."""
+    if par.size == 1:
+        return {h: to_numpy(v) for h, v in mine.items()}
+    (half, vol), = mine.items()
+    other = par.exchange_roots(np.ascontiguousarray(to_numpy(vol)))
+    return {half: to_numpy(vol), 1 - half: to_numpy(other)}
+
+
+def reconstruct_half_maps(par, accs: dict, n: int):
+    """Reduce, reconstruct and FSC.
+
+    Returns (maps {0: A, 1: B}, fsc curve) on the root pair (NumPy float32), and
+    (None, None) on other ranks.  Collective over the world communicator.
+    """
+    reduce_accumulators(par, accs)
+    roots = [h for h in accs if par.is_half_root(h)]
+    if not roots:
+        return None, None
+    mine = {h: reconstruct(accs[h].data, accs[h].weight, n, PAD) for h in roots}
+    maps = _pair_maps(par, mine)
+    fsc0 = fsc_curve(maps[0], maps[1])
+    mine = {h: reconstruct(accs[h].data, accs[h].weight, n, PAD, ssnr=ssnr_from_fsc(fsc0))
+            for h in roots}
+    maps = _pair_maps(par, mine)
+    return maps, fsc_curve(maps[0], maps[1])
+
+
+def full_unregularised_map(par, accs: dict, n: int):
+    """The map from all particles with no regularisation (what relion_reconstruct
+    gives), on world rank 0; None elsewhere.  Call after reduce_accumulators."""
+    xp = array_namespace(next(iter(accs.values())).data)
+    if par.size == 1:
+        data = accs[0].data + accs[1].data
+        weight = accs[0].weight + accs[1].weight
+    elif par.rank in (0, 1):
+        acc = accs[par.rank]
+        other_d = par.exchange_roots(acc.data)
+        other_w = par.exchange_roots(acc.weight)
+        if par.rank == 1:
+            return None
+        data = acc.data + xp.asarray(other_d)
+        weight = acc.weight + xp.asarray(other_w)
+    else:
+        return None
+    return to_numpy(reconstruct(data, weight, n, PAD))
+
+
+def fsc_weighted_average(maps: dict, fsc, cutoff_shell: float):
+    """The average of the half maps filtered by sqrt(2·FSC / (1 + FSC)) and set to zero
+    beyond ``cutoff_shell`` (cycles per box): the GSFSC-filtered map.  NumPy."""
+    from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d
+
+    avg = 0.5 * (np.asarray(maps[0], np.float64) + np.asarray(maps[1], np.float64))
+    n = avg.shape[0]
+    f = np.clip(np.asarray(fsc, float), 0.0, 1.0)
+    weight = np.sqrt(2.0 * f / (1.0 + f))
+    shells = np.arange(len(f))
+    weight[shells > cutoff_shell] = 0.0
+    r = radius_3d(n, np)
+    idx = np.minimum(np.rint(r).astype(int), len(f) - 1)
+    per_voxel = np.where(r <= cutoff_shell, weight[idx], 0.0)
+    return centered_irfft3(centered_rfft3(avg) * per_voxel, n).astype(np.float32)
