@@ -11,6 +11,7 @@ import numpy as np
 
 from mpirefine.errors import InputError
 from mpirefine.fsc import shell_resolution_A
+from mpirefine.atomic import publish
 
 #: files whose presence marks a folder as holding a previous job's results
 RESULT_FILES = ("summary.json", "map.mrc", "map_half_A.mrc", "particles.star")
@@ -37,7 +38,7 @@ def _atomic_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,0 +1,250 @@
+"""CryoSPARC particle files (.cs): NumPy structured arrays written with ``np.save``.
+
+Conventions (design §3): ``alignments3D/pose`` is a rotation vector in radians and the
+RELION matrix is ``rotvec_to_matrix(pose)``; ``alignments3D/shift`` is in pixels of the
+particle image (blob/psize_A) with the sign of rlnOriginX; ``alignments3D/split`` is the
+half set (0/1) and ``alignments3D/alpha`` the per-particle scale.  ``blob/path`` is
+relative to the CryoSPARC project folder (a leading '>' says so explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+
+import numpy as np
+
+from mpirefine.errors import InputError
+from mpirefine.geometry.rotations import matrix_to_rotvec, rotvec_to_matrix
+from mpirefine.io.mrc import stack_info
+from mpirefine.io.particles import ParticleSet, group_rows, portable_name, resolve_path
+from mpirefine.physics.ctf import CTFParams
+from mpirefine.atomic import publish
+
+_REQUIRED_BLOB = ("blob/path", "blob/idx")
+_REQUIRED_CTF = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm",
+                 "ctf/amp_contrast")
+# Field types as CryoSPARC writes them, so that CryoSPARC can import our output.
+_ALIGN_FIELDS = [("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,)),
+                 ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4"),
+                 ("alignments3D/alpha", "<f4")]
+# alignments3D/split is unsigned: a particle in neither half is stored as 2 (read back as -1).
+_UNASSIGNED = 2
+
+
+def _search_folders(cs_path: str, project_dir: str | None) -> list[str | None]:
+    """project_dir, then the .cs file's folder and each parent, then the working folder."""
+    folders: list[str | None] = [project_dir]
+    folder = os.path.dirname(os.path.abspath(cs_path))
+    while True:
+        folders.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    folders.append(os.getcwd())
+    return folders
+
+
+def _blob_paths(table: np.ndarray) -> np.ndarray:
+    """blob/path as str, without CryoSPARC's leading '>' (project-relative marker)."""
+    raw = table["blob/path"]
+    text = np.char.decode(raw, "utf-8") if raw.dtype.kind == "S" else raw.astype(str)
+    return np.char.lstrip(np.char.strip(text), ">")
+
+
+def read_cs(path: str | os.PathLike, project_dir: str | None = None) -> ParticleSet:
+    """Read a CryoSPARC particle .cs file into a :class:`ParticleSet` (box 0 if no blob/shape)."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        table = np.load(path, allow_pickle=False)
+    except Exception as exc:  # np.load raises ValueError, OSError, EOFError, ...
+        raise InputError(f"cannot read CryoSPARC file {path!r} ({exc}); export the particles "
+                         "again from CryoSPARC") from exc
+    names = table.dtype.names or ()
+    if not names:
+        raise InputError(f"{path!r} is not a CryoSPARC particle file (no named fields)")
+    table = np.atleast_1d(table)
+    missing = [f for f in _REQUIRED_BLOB + _REQUIRED_CTF if f not in names]
+    if missing:
+        raise InputError(f"{path} lacks the field(s) {', '.join(missing)}; refinement needs "
+                         "particle blobs and CTF parameters (use a job's particles output)")
+    n = len(table)
+    if n == 0:
+        raise InputError(f"CryoSPARC file {path!r} holds no particles")
+    for name in names:
+        kind = table.dtype[name].base.kind
+        if kind == "f" and not np.all(np.isfinite(table[name])):
+            raise InputError(f"{path}: field {name} has NaN/Inf values; fix or remove those "
+                             "particles")
+
+    raw = _blob_paths(table)
+    uniques, codes = np.unique(raw, return_inverse=True)
+    folders = _search_folders(path, project_dir)
+    stack_paths: list[str] = []
+    where: dict[str, int] = {}
+    code_to_sid = np.empty(len(uniques), dtype=np.int64)
+    for k, name in enumerate(uniques):
+        resolved = resolve_path(str(name), folders)
+        if resolved is None:
+            tried = [os.path.abspath(f) for f in folders if f is not None]
+            raise InputError(f"{path}: particle stack {name!r} not found; looked in "
+                             f"{', '.join(tried)}. Pass --project-dir (the CryoSPARC project "
+                             "folder)")
+        code_to_sid[k] = where.setdefault(resolved, len(stack_paths))
+        if code_to_sid[k] == len(stack_paths):
+            stack_paths.append(resolved)
+    stack_id = code_to_sid[codes.reshape(-1)]
+
+    psize_field = next((f for f in ("blob/psize_A", "alignments3D/psize_A") if f in names), None)
+    if psize_field is not None:
+        psizes = table[psize_field].astype(np.float64)
+    else:
+        psizes = np.array([stack_info(stack_paths[0]).pixel_size_A])
+    if np.ptp(psizes) > 1e-4 * psizes.max():
+        raise InputError(f"{path}: mixed pixel sizes ({psizes.min():g} to {psizes.max():g} Å) "
+                         "are not supported yet; downsample all particles to one pixel size")
+    pixel_size = float(psizes[0])
+    if pixel_size <= 0:
+        raise InputError(f"{path}: no pixel size in blob/psize_A nor in the stack header")
+    box = 0
+    if "blob/shape" in names:
+        shapes = table["blob/shape"].reshape(n, -1)
+        if np.any(shapes != shapes[0]) or shapes[0, 0] != shapes[0, -1]:
+            raise InputError(f"{path}: blob/shape varies or is not square; mixed boxes are "
+                             "not supported yet")
+        box = int(shapes[0, 0])
+
+    def field(name, default=None):
+        return table[name].astype(np.float64) if name in names else default
+
+    try:
+        ctf = CTFParams(
+            defocus_u_A=field("ctf/df1_A"), defocus_v_A=field("ctf/df2_A"),
+            defocus_angle_deg=np.degrees(field("ctf/df_angle_rad")),
+            voltage_kV=field("ctf/accel_kv"), cs_mm=field("ctf/cs_mm"),
+            amplitude_contrast=field("ctf/amp_contrast"),
+            phase_shift_deg=np.degrees(field("ctf/phase_shift_rad", np.zeros(n))),
+            bfactor_A2=field("ctf/bfactor", 0.0))
+    except ValueError as exc:
+        raise InputError(f"{path}: bad CTF values ({exc})") from exc
+
+    rotations = None
+    if "alignments3D/pose" in names:
+        rotations = rotvec_to_matrix(table["alignments3D/pose"].astype(np.float64))
+    shifts = np.zeros((n, 2))
+    if "alignments3D/shift" in names:
+        shifts = table["alignments3D/shift"].astype(np.float64).reshape(n, 2) * pixel_size
+    split = np.full(n, -1, dtype=np.int8)
+    if "alignments3D/split" in names:
+        s = table["alignments3D/split"].astype(np.int64)
+        split[s == 0], split[s == 1] = 0, 1
+    group = (table["ctf/exp_group_id"].astype(np.int64) if "ctf/exp_group_id" in names
+             else np.ones(n, dtype=np.int64))
+    return ParticleSet(
+        box=box, pixel_size_A=pixel_size, stack_paths=stack_paths, stack_id=stack_id,
+        stack_index=table["blob/idx"].astype(np.int64), ctf=ctf, rotations=rotations,
+        shifts_A=shifts, split=split, scale=field("alignments3D/alpha", np.ones(n)),
+        optics_group=group, source_path=path, source_format="cs",
+        _cs_table=table, _project_dir=project_dir)
+
+
+def _with_fields(table: np.ndarray, fields: list[tuple]) -> np.ndarray:
+    """Copy of ``table`` with ``fields`` retyped in place or, when new, appended."""
+    new = {f[0]: f for f in fields}
+    descr = [new.pop(d[0], d) for d in table.dtype.descr] + list(new.values())
+    out = np.zeros(len(table), dtype=np.dtype(descr))
+    for name in table.dtype.names:
+        out[name] = table[name]
+    return out
+
+
+def _fresh_table(ps: ParticleSet) -> np.ndarray:
+    """A new CryoSPARC-style particle array from metadata read elsewhere (STAR)."""
+    n, ctf = len(ps), ps.ctf
+    width = max(len(p.encode()) for p in ps.stack_paths)
+    dtype = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"),
+             ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
+             ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
+             ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
+             ("ctf/phase_shift_rad", "<f4"), ("ctf/bfactor", "<f4")] + _ALIGN_FIELDS
+    out = np.zeros(n, dtype=dtype)
+    # CryoSPARC wants unique 64-bit uids; derive them from the source so reruns agree.
+    rng = np.random.default_rng(zlib.crc32(ps.source_path.encode()))
+    uid = rng.integers(1, 2 ** 63 - 1, size=n, dtype=np.int64, endpoint=True)
+    while len(np.unique(uid)) < n:  # practically never; keep uids unique regardless
+        uid = rng.integers(1, 2 ** 63 - 1, size=n, dtype=np.int64, endpoint=True)
+    out["uid"] = uid.astype(np.uint64)
+    out["blob/path"] = np.array([p.encode() for p in ps.stack_paths])[ps.stack_id]
+    out["blob/idx"] = ps.stack_index
+    out["blob/shape"] = ps.box
+    out["blob/psize_A"] = ps.pixel_size_A
+    for name, value in (("ctf/accel_kv", ctf.voltage_kV), ("ctf/cs_mm", ctf.cs_mm),
+                        ("ctf/amp_contrast", ctf.amplitude_contrast),
+                        ("ctf/df1_A", ctf.defocus_u_A), ("ctf/df2_A", ctf.defocus_v_A),
+                        ("ctf/df_angle_rad", np.radians(ctf.defocus_angle_deg)),
+                        ("ctf/phase_shift_rad", np.radians(ctf.phase_shift_deg)),
+                        ("ctf/bfactor", ctf.bfactor_A2)):
+        out[name] = np.broadcast_to(value, (n,))
+    return out
+
+
+def _portable_blob_paths(ps: ParticleSet, table: np.ndarray, out_path: str) -> np.ndarray:
+    """blob/path bytes: kept where they still resolve from the output's location, else absolute."""
+    raw = _blob_paths(table)
+    original = table["blob/path"]
+    if original.dtype.kind != "S":
+        original = np.char.encode(original.astype(str), "utf-8")
+    out = original.astype(object)
+    folders = _search_folders(out_path, ps._project_dir)
+    uniques, codes = np.unique(raw, return_inverse=True)
+    for name, rows in zip(uniques, group_rows(codes)):
+        resolved = ps.stack_paths[ps.stack_id[rows[0]]]
+        if portable_name(str(name), resolved, folders) != name:
+            out[rows] = resolved.encode()
+    return np.array(list(out), dtype=bytes)
+
+
+def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
+             rotations: np.ndarray | None, shifts_A: np.ndarray, split: np.ndarray,
+             scale: np.ndarray) -> None:
+    """Write a CryoSPARC .cs file with updated poses, shifts (px), halves and scales.
+
+    A .cs input keeps all its fields; a STAR input gets a fresh array (uid, blob/*, ctf/*,
+    alignments3D/*).  rotations: (n, 3, 3) RELION matrices or None (keep input poses).
+    """
+    ps, path = particle_set, os.fspath(path)
+    n = len(ps)
+    if ps._cs_table is not None:
+        table = _with_fields(ps._cs_table, [f for f in _ALIGN_FIELDS
+                                            if f[0] not in ps._cs_table.dtype.names])
+        paths = _portable_blob_paths(ps, table, path)
+        if paths.dtype.itemsize > table.dtype["blob/path"].itemsize:
+            table = _with_fields(table, [("blob/path", paths.dtype.str)])
+        table["blob/path"] = paths
+    else:
+        table = _fresh_table(ps)
+    rotations = ps.rotations if rotations is None else rotations
+    if rotations is not None:
+        table["alignments3D/pose"] = matrix_to_rotvec(np.asarray(rotations).reshape(n, 3, 3))
+    shifts_px = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2) / ps.pixel_size_A
+    table["alignments3D/shift"] = shifts_px
+    table["alignments3D/psize_A"] = ps.pixel_size_A
+    split = np.asarray(split).reshape(n)
+    table["alignments3D/split"] = np.where(split >= 0, split, _UNASSIGNED)
+    table["alignments3D/alpha"] = np.asarray(scale, dtype=np.float64).reshape(n)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        # A file object stops np.save from appending '.npy' to the name.
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
