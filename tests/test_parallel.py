@@ -1,0 +1,332 @@
+"""The MPI layout contract: half groups, sharding, collectives, timings, abort.
+
+Serial tests check the one-rank behaviour and, through mpiexec subprocesses, that a
+failing rank ends the whole job and that the MPI tests below also pass on 3 ranks
+(unequal half groups, a real reduction inside half A's group). The
+``@pytest.mark.mpi`` tests run under ``mpiexec -n 2 python -m pytest --with-mpi``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpirefine import parallel
+from mpirefine.errors import InputError
+from mpirefine.parallel import Parallel, Timer, limit_threads, run_guarded, shard_bounds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mpiexec_or_skip() -> str:
+    """The mpiexec that matches this interpreter's mpi4py (the mpich wheel's)."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec available")
+    return found
+
+
+def clean_env() -> dict:
+    """This environment minus any launcher variables, one BLAS thread per rank."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "HYDRA_"))}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+# ---- one rank ----------------------------------------------------------------------
+
+def test_single_rank_serves_both_halves():
+    par = Parallel(MPI.COMM_SELF)
+    assert (par.rank, par.size, par.is_root) == (0, 1, True)
+    assert par.halves_here == (0, 1)
+    for half in (0, 1):
+        assert par.is_half_root(half)
+        assert par.half_root_world_rank(half) == 0
+        assert par.half_size(half) == 1
+        assert par.half_comm(half).Get_size() == 1
+        assert par.shard(37, half) == slice(0, 37)
+    assert par.split_fraction_for_half_A() == 0.5
+    assert (par.local_rank(), par.local_size()) == (0, 1)
+
+
+def test_single_rank_collectives_are_no_ops(rng):
+    par = Parallel(MPI.COMM_SELF)
+    original = rng.standard_normal((4, 5)).astype(np.float32)
+    for collective in (par.reduce_half, par.allreduce_half, par.bcast_half):
+        array = original.copy()
+        assert collective(array, 1) is array
+        np.testing.assert_array_equal(array, original)
+    assert par.bytes_communicated == 0
+    with pytest.raises(RuntimeError, match="ranks 0 and 1"):
+        par.exchange_roots(original)
+    with pytest.raises(ValueError, match="half must be"):
+        par.half_comm(2)
+
+
+def test_non_contiguous_arrays_are_refused():
+    par = Parallel(MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        par._on_group(np.zeros((4, 4))[:, ::2], 0, "all", lambda *a: None)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+@pytest.mark.parametrize("n_items", [0, 1, 4, 7, 100])
+def test_shard_bounds_cover_once_and_balance(n_items, count):
+    parts = [shard_bounds(n_items, i, count) for i in range(count)]
+    covered = np.concatenate([np.arange(n_items)[s] for s in parts])
+    np.testing.assert_array_equal(covered, np.arange(n_items))
+    sizes = [s.stop - s.start for s in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_limit_threads_divides_cores_between_local_ranks():
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 10**6
+    cpus = os.cpu_count()
+    env = {"MPI_LOCALNRANKS": "2"}
+    assert limit_threads(env) == min(max(1, cpus // 2), usable)
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"]
+    env = {"SLURM_NTASKS_PER_NODE": "4(x2)"}
+    assert limit_threads(env) == min(max(1, cpus // 4), usable)
+    env = {"SLURM_CPUS_PER_TASK": "1", "SLURM_NTASKS_PER_NODE": "8"}
+    assert limit_threads(env) == 1
+    env = {"OMP_NUM_THREADS": "3"}
+    assert limit_threads(env) is None and env == {"OMP_NUM_THREADS": "3"}
+    assert parallel.local_ranks_from_environment({}) == 1
+
+
+def test_timer_accumulates_per_category():
+    timer = Timer()
+    for _ in range(2):
+        with timer("search"):
+            time.sleep(0.01)
+    with timer("reading"):
+        pass
+    assert timer.seconds["search"] >= 0.02
+    assert set(Timer.CATEGORIES) <= set(timer.seconds) and "reading" in timer.seconds
+
+
+def test_logger_rank_zero_plain_info_others_prefixed_warnings(capsys):
+    log = parallel.get_logger("mpirefine.test_rank0", rank=0)
+    log.info("resolution 4.2 A")
+    log.debug("hidden")
+    log = parallel.get_logger("mpirefine.test_rank3", rank=3)
+    log.info("hidden too")
+    log.warning("slow disk")
+    out, err = capsys.readouterr()
+    assert out == "resolution 4.2 A\n"
+    assert err == "[rank 3] WARNING: slow disk\n"
+
+
+def test_run_guarded_single_rank(capsys):
+    assert run_guarded(lambda: None) == 0
+    assert run_guarded(lambda: 3) == 3
+
+    def bad_input():
+        raise InputError("--pixel-size must be positive, got -1")
+
+    assert run_guarded(bad_input, command="mpirefine refine") == 2
+    assert capsys.readouterr().err == (
+        "mpirefine refine: error: --pixel-size must be positive, got -1\n")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_guarded(interrupted) == 130
+    with pytest.raises(ZeroDivisionError):  # one rank: a bug keeps its own traceback
+        run_guarded(lambda: 1 / 0)
+
+
+# ---- several ranks, through mpiexec subprocesses -----------------------------------
+
+FAILING_RANK = textwrap.dedent("""
+    import sys
+    from mpirefine.errors import InputError
+    from mpirefine.parallel import Parallel, run_guarded
+
+    par = Parallel()
+
+    def work():
+        if par.rank == 1:
+            if sys.argv[1] == "input":
+                raise InputError("bad --induced value")
+            raise RuntimeError("induced failure")
+        par.barrier()  # without the abort, rank 0 would wait here forever
+
+    sys.exit(run_guarded(work, command="mpirefine test"))
+""")
+
+
+@pytest.mark.parametrize("kind, status, message", [
+    ("bug", 1, "mpirefine: rank 1 of 2 failed: RuntimeError: induced failure"),
+    ("input", 2, "mpirefine test: error: bad --induced value"),
+])
+def test_failing_rank_ends_the_job_quickly(kind, status, message):
+    start = time.monotonic()
+    result = subprocess.run(
+        [mpiexec_or_skip(), "-n", "2", sys.executable, "-c", FAILING_RANK, kind],
+        capture_output=True, text=True, timeout=60, env=clean_env(), cwd=REPO)
+    assert time.monotonic() - start < 30
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr
+    if kind == "bug":
+        assert "Traceback" in result.stderr
+
+
+LAYOUT_3 = textwrap.dedent("""
+    import json
+    import numpy as np
+    from mpirefine.parallel import Parallel
+
+    par = Parallel()
+    (half,) = par.halves_here
+    partial = np.full(3, par.rank + 1.0)
+    par.reduce_half(partial, half)
+    record = dict(rank=par.rank, half=half, group=par.half_comm(half).Get_size(),
+                  root=par.is_half_root(half), shard=[par.shard(10, half).start,
+                  par.shard(10, half).stop], reduced=partial.tolist(),
+                  fraction=par.split_fraction_for_half_A())
+    records = par.gather_obj(record)
+    if par.is_root:
+        print(json.dumps(records))
+""")
+
+
+def test_three_ranks_have_unequal_half_groups():
+    result = subprocess.run(
+        [mpiexec_or_skip(), "-n", "3", sys.executable, "-c", LAYOUT_3],
+        capture_output=True, text=True, timeout=60, env=clean_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["half"] for r in records] == [0, 1, 0]
+    assert [r["group"] for r in records] == [2, 1, 2]
+    assert [r["root"] for r in records] == [True, True, False]
+    # half A = ranks {0, 2} splits [0, 10) in two; half B's single rank takes it all
+    assert [r["shard"] for r in records] == [[0, 5], [0, 10], [5, 10]]
+    assert records[0]["reduced"] == [4.0] * 3  # (0 + 1) + (2 + 1) on half A's root
+    assert records[1]["reduced"] == [2.0] * 3  # half B alone: unchanged
+    assert all(r["fraction"] == pytest.approx(2 / 3) for r in records)
+
+
+@pytest.mark.slow
+def test_mpi_tests_also_pass_on_three_ranks():
+    """The suite's MPI tests at an odd size: half A's group has two ranks."""
+    result = subprocess.run(
+        [mpiexec_or_skip(), "-n", "3", sys.executable, "-m", "pytest", "-q",
+         "-p", "no:cacheprovider", "--with-mpi", "-m", "mpi", __file__],
+        capture_output=True, text=True, timeout=300, env=clean_env(), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ---- under mpiexec -n 2 (or more) --with-mpi ---------------------------------------
+
+@pytest.mark.mpi(min_size=2)
+def test_half_groups_and_roots():
+    par = Parallel()
+    (half,) = par.halves_here
+    assert half == par.rank % 2
+    assert par.half_comm(half).Get_size() == par.half_size(half) == len(range(half, par.size, 2))
+    assert par.half_size(0) + par.half_size(1) == par.size
+    assert [par.half_root_world_rank(h) for h in (0, 1)] == [0, 1]
+    assert par.is_half_root(half) == (par.rank < 2)
+    assert not par.is_half_root(1 - half)
+    with pytest.raises(ValueError, match="serves half"):
+        par.half_comm(1 - half)
+    local = par.allgather_obj((MPI.Get_processor_name(), par.local_rank(), par.local_size()))
+    for node in {name for name, _, _ in local}:
+        ranks_here = sorted(r for name, r, _ in local if name == node)
+        assert ranks_here == list(range(len(ranks_here)))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.int64])
+def test_reduce_half_sums_over_the_group(xp, dtype):
+    par = Parallel()
+    (half,) = par.halves_here
+    array = xp.full((3, 4), par.rank + 1, dtype=dtype)
+    assert par.reduce_half(array, half) is array
+    expected = sum(r + 1 for r in range(half, par.size, 2))
+    if par.is_half_root(half):
+        assert (xp.asarray(array) == expected).all()
+    total = xp.full(5, par.rank + 1, dtype=dtype)
+    par.allreduce_half(total, half)
+    assert (total == expected).all()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bcast_half_copies_the_root_array(xp):
+    par = Parallel()
+    (half,) = par.halves_here
+    array = xp.full((2, 3), 10.0 * (half + 1) if par.is_half_root(half) else -1.0)
+    par.bcast_half(array, half)
+    assert (array == 10.0 * (half + 1)).all()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_exchange_roots_swaps_the_half_maps(xp):
+    par = Parallel()
+    mine = xp.full((4, 4, 4), float(par.rank), dtype=xp.float32)
+    if par.rank > 1:
+        with pytest.raises(RuntimeError):
+            par.exchange_roots(mine)
+        return
+    before = par.bytes_communicated
+    other = par.exchange_roots(mine)
+    assert type(other) is type(mine) and other.shape == mine.shape
+    assert (other == float(1 - par.rank)).all()
+    assert par.bytes_communicated - before == 2 * mine.nbytes
+    assert par.comm_seconds > 0
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("n_items", [0, 1, 2, 7, 101])
+def test_shards_cover_each_half_exactly_once(n_items):
+    par = Parallel()
+    (half,) = par.halves_here
+    piece = par.shard(n_items, half)
+    pieces = par.allgather_obj((half, piece.start, piece.stop))
+    for h in (0, 1):
+        covered = np.concatenate(
+            [np.arange(start, stop) for hh, start, stop in pieces if hh == h] + [[]])
+        np.testing.assert_array_equal(np.sort(covered), np.arange(n_items))
+    fraction = par.split_fraction_for_half_A()
+    assert fraction == pytest.approx(((par.size + 1) // 2) / par.size)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_object_collectives_and_scalar_reductions():
+    par = Parallel()
+    assert par.bcast_obj({"seed": 7} if par.is_root else None) == {"seed": 7}
+    assert par.allgather_obj(par.rank) == list(range(par.size))
+    gathered = par.gather_obj(par.rank * 2)
+    assert gathered == (list(range(0, 2 * par.size, 2)) if par.is_root else None)
+    assert par.allreduce_scalar(par.rank + 1) == par.size * (par.size + 1) // 2
+    assert par.allreduce_scalar(par.rank, op="max") == par.size - 1
+    assert par.allreduce_scalar(par.rank, op="min") == 0
+    with pytest.raises(ValueError, match="op must be"):
+        par.allreduce_scalar(1, op="prod")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gather_timings_reaches_rank_zero():
+    par = Parallel()
+    with par.timer("search"):
+        time.sleep(0.01 * (par.rank + 1))
+    par.barrier()
+    timings = par.gather_timings()
+    if not par.is_root:
+        assert timings is None
+        return
+    assert [t["rank"] for t in timings] == list(range(par.size))
+    for t in timings:
+        assert t["seconds"]["search"] >= 0.01 * (t["rank"] + 1)
+        assert t["comm_seconds"] >= t["seconds"]["idle"] >= 0
