@@ -1,0 +1,127 @@
+"""Homogeneous refinement: global pose search of every particle against an initial
+volume, gold-standard half maps, GSFSC-filtered output.
+
+Run under MPI with one rank per GPU: `mpirun -n N mpirefine refine P.star V.mrc --out DIR`
+(or `srun mpirefine refine ...`).  Options follow CryoSPARC's Homogeneous Refinement;
+options whose behaviour is not built yet are refused with "not supported yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+
+B = argparse.BooleanOptionalAction
+
+
+def add_args(parser):
+    from mpirefine.cli.common import add_device_args
+
+    p = parser
+    p.add_argument("particles", help="particles with CTF parameters: RELION .star or CryoSPARC .cs")
+    p.add_argument("volume", help="initial volume (.mrc), same box and pixel size as the particles")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--mask", default=None, help="static mask (.mrc) used for alignment instead of "
+                   "the dynamic mask; the FSC never uses it")
+    p.add_argument("--project-dir", default=None,
+                   help="folder that relative stack paths are resolved against")
+    g = p.add_argument_group("window dataset (real space)")
+    g.add_argument("--window", action=B, default=True, help="soft circular window on the images [on]")
+    g.add_argument("--window-inner", type=float, default=0.85, metavar="F",
+                   help="window inner radius, fraction of half the box [0.85]")
+    g.add_argument("--window-outer", type=float, default=0.99, metavar="F",
+                   help="window outer radius, fraction of half the box [0.99]")
+    g = p.add_argument_group("symmetry")
+    g.add_argument("--symmetry", default="C1", help="point group: C1 (others: not supported yet) [C1]")
+    g.add_argument("--symmetry-relaxation", default="none",
+                   choices=["none", "maximization", "marginalization"],
+                   help="symmetry relaxation method (not supported yet) [none]")
+    g.add_argument("--symmetry-alignment", action=B, default=True,
+                   help="align the input volume's symmetry axes to the convention [on]")
+    g = p.add_argument_group("reference and iterations")
+    g.add_argument("--reestimate-greyscale", action=B, default=True,
+                   help="rescale the input volume to the particles' greyscale [on]")
+    g.add_argument("--extra-final-passes", type=int, default=0, metavar="N",
+                   help="full passes after the GSFSC stops improving [0]")
+    g.add_argument("--adaptive-marginalization", action=B, default=False,
+                   help="insert each particle over its final candidate poses, weighted by "
+                        "posterior probability [off: best pose only]")
+    g.add_argument("--max-align-resolution", dest="max_align_resolution_A", type=float,
+                   default=None, metavar="Å",
+                   help="finest resolution used for alignment (Å) [current GSFSC resolution]")
+    g.add_argument("--initial-lowpass", dest="initial_lowpass_A", type=float, default=20.0,
+                   metavar="Å", help="low-pass of the initial volume (Å) [20]")
+    g.add_argument("--gsfsc-split-resolution", dest="gsfsc_split_resolution_A", type=float,
+                   default=20.0, metavar="Å",
+                   help="half maps are averaged below this resolution (Å) [20]")
+    g.add_argument("--max-iterations", type=int, default=30, help="safety cap on iterations [30]")
+    g = p.add_argument_group("minibatches")
+    g.add_argument("--batchsize-epsilon", type=float, default=0.001,
+                   help="tolerated fraction of Fourier voxels a minibatch misses [0.001]")
+    g.add_argument("--batchsize-snrfactor", type=float, default=40.0,
+                   help="multiplies the automatic batch size [40]")
+    g.add_argument("--disable-auto-batchsize", action=B, default=False,
+                   help="use all particles in every iteration [off]")
+    g = p.add_argument_group("per-particle scale and noise")
+    g.add_argument("--minimize-scale", action=B, default=False,
+                   help="fit each particle's scale every iteration [off]")
+    g.add_argument("--reset-scale", action=B, default=True,
+                   help="start every particle's scale at 1 (off: keep the input's) [on]")
+    g.add_argument("--noise-from-images", action=B, default=False,
+                   help="initial noise model per shell from the images (off: a constant) [off]")
+    g = p.add_argument_group("dynamic masking")
+    g.add_argument("--dynamic-mask", action=B, default=True, help="dynamic refinement mask [on]")
+    g.add_argument("--dynamic-mask-start-resolution", dest="dynamic_mask_start_resolution_A",
+                   type=float, default=12.0, metavar="Å",
+                   help="mask once the GSFSC resolution reaches this (Å) [12]")
+    g.add_argument("--dynamic-mask-threshold", type=float, default=0.2,
+                   help="threshold, fraction of the map's maximum (0–1) [0.2]")
+    g.add_argument("--dynamic-mask-near", type=float, default=0.5, metavar="×RES",
+                   help="mask is 1 this many resolutions beyond the threshold [0.5]")
+    g.add_argument("--dynamic-mask-far", type=float, default=1.2, metavar="×RES",
+                   help="soft edge reaches 0 this many resolutions out [1.2]")
+    g.add_argument("--dynamic-mask-absolute", action=B, default=False,
+                   help="threshold the absolute value of the map [off]")
+    g = p.add_argument_group("CTF refinement and Ewald sphere")
+    g.add_argument("--optimize-defocus", action=B, default=False,
+                   help="per-particle defocus refinement (not supported yet) [off]")
+    g.add_argument("--optimize-ctf-global", action=B, default=False,
+                   help="per-group higher-order CTF refinement (not supported yet) [off]")
+    g.add_argument("--ewald-correction", action=B, default=False,
+                   help="Ewald sphere correction (not supported yet) [off]")
+    g.add_argument("--ewald-curvature", default="negative", choices=["negative", "positive"],
+                   help="Ewald sphere curvature sign [negative]")
+    g = p.add_argument_group("computation (no effect on results)")
+    g.add_argument("--image-batch-size", type=int, default=256, metavar="N",
+                   help="images processed at once per rank (GPU batch size of images) [256]")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split and minibatches [0]")
+    add_device_args(p)
+
+
+def config_from_args(args):
+    from mpirefine.config import RefineConfig
+
+    values = {k: v for k, v in vars(args).items() if k in RefineConfig.field_names()}
+    values["out_dir"] = args.out
+    return RefineConfig(**values)
+
+
+def main(args) -> int:
+    import os
+
+    from mpirefine import refine
+    from mpirefine.outputs import prepare_out_dir
+    from mpirefine.parallel import Parallel, get_logger
+
+    cfg = config_from_args(args)
+    cfg.check_supported()
+    par = Parallel()
+    log = get_logger(rank=par.rank)
+    if par.is_root:
+        prepare_out_dir(cfg.out_dir, cfg.overwrite)
+    par.barrier()
+    from dataclasses import replace
+
+    cfg = replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
+    refine.run(cfg, par, log)
+    return 0

@@ -1,0 +1,392 @@
+"""Homogeneous refinement: the expectation-maximisation loop.
+
+    prepare   read particles and the initial volume, split half sets, low-pass the
+              reference, initial noise model, re-estimate the greyscale
+    iterate   choose a minibatch → global pose search of each particle against its
+              half's reference → backproject into the half-set accumulators →
+              reduce, reconstruct half maps, GSFSC → average the halves below the
+              split resolution → new noise model → FSC-filtered, masked references
+    stop      after the first full pass whose GSFSC resolution does not improve,
+              plus the requested extra final passes
+    finish    maps, masks, FSC, particles with poses, summary
+
+Ranks: see design.md §1 and parallel.py.  Every rank runs this same code; the root
+pair (world ranks 0 and 1, or rank 0 alone) does the per-iteration map work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpirefine.backend import backend_name, to_numpy
+from mpirefine.batching import auto_batch_size, choose_batch
+from mpirefine.config import RefineConfig
+from mpirefine.errors import InputError
+from mpirefine.fourier.backproject import Accumulator
+from mpirefine.fourier.filters import lowpass
+from mpirefine.fourier.project import volume_ft
+from mpirefine.fsc import crossing_shell, resolution_A
+from mpirefine.halfmaps import PAD, insert_particles, reconstruct_half_maps
+from mpirefine.io import ImageSource, read_particles, read_volume
+from mpirefine.masks import dynamic_mask
+from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sums
+from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
+from mpirefine.references import next_references
+from mpirefine.search_plan import plan_search, run_search
+
+
+@dataclass
+class ParticleState:
+    """Per-particle results of the latest pass each particle took part in (host)."""
+
+    rotations: np.ndarray         # (N, 3, 3)
+    shifts_px: np.ndarray         # (N, 2) RELION origin in pixels
+    scale: np.ndarray             # (N,)
+    log_likelihood: np.ndarray    # (N,)
+    aligned: np.ndarray           # (N,) bool
+
+    @classmethod
+    def empty(cls, n: int, scale) -> "ParticleState":
+        return cls(np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)), np.asarray(scale, float).copy(),
+                   np.full(n, -np.inf), np.zeros(n, bool))
+
+    def update(self, idx, rotations, shifts_px, scale, log_likelihood) -> None:
+        self.rotations[idx] = rotations
+        self.shifts_px[idx] = shifts_px
+        self.scale[idx] = scale
+        self.log_likelihood[idx] = log_likelihood
+        self.aligned[idx] = True
+
+
+@dataclass
+class Job:
+    """What the loop carries from one iteration to the next."""
+
+    cfg: RefineConfig
+    par: object
+    xp: object
+    particles: object
+    split: np.ndarray
+    prep: ImagePrep
+    references: dict                  # half → (n, n, n) reference on this rank (xp)
+    noise: NoiseModel
+    state: ParticleState
+    static_mask: np.ndarray | None
+    resolution_A: float
+    log: object
+    history: list = field(default_factory=list)
+    masks: dict = field(default_factory=dict)
+    fsc: np.ndarray | None = None
+    half_maps: dict | None = None
+    greyscale_factor: float = 1.0
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def prepare(cfg: RefineConfig, par, log) -> Job:
+    xp = par.select_device(cfg.device)
+    ps = read_particles(cfg.particles, project_dir=cfg.project_dir)
+    volume, vol_px = read_volume(cfg.volume)
+    n, px = ps.box, ps.pixel_size_A
+    if volume.shape[0] != n:
+        raise InputError(f"initial volume {cfg.volume} has box {volume.shape[0]} but the particles "
+                         f"in {cfg.particles} have box {n}; resample the volume to {n} px")
+    if vol_px and abs(vol_px - px) > 0.01 * px:
+        raise InputError(f"initial volume {cfg.volume} has pixel size {vol_px:.4f} Å but the "
+                         f"particles have {px:.4f} Å; resample the volume to the particles' pixel size")
+    static_mask = None
+    if cfg.mask:
+        static_mask, _ = read_volume(cfg.mask)
+        if static_mask.shape != volume.shape:
+            raise InputError(f"mask {cfg.mask} has box {static_mask.shape[0]}, the volume has {n}; "
+                             "use a mask made for this box")
+        if static_mask.min() < -1e-3 or static_mask.max() > 1 + 1e-3:
+            raise InputError(f"mask {cfg.mask} has values outside [0, 1]; give a soft mask")
+    split = ps.split.copy() if np.all(ps.split >= 0) else _random_split(len(ps), cfg.seed)
+    scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
+    prep = ImagePrep(box=n, pixel_size_A=px, window=cfg.window,
+                     window_inner=cfg.window_inner, window_outer=cfg.window_outer)
+    reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, px)
+    job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
+              references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, n),
+              state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
+              resolution_A=cfg.initial_lowpass_A, log=log)
+    job.noise = initial_noise_model(job)
+    if cfg.reestimate_greyscale:
+        job.greyscale_factor = estimate_greyscale(job)
+        job.references = {h: r * job.greyscale_factor for h, r in job.references.items()}
+    return job
+
+
+def _random_split(n: int, seed: int) -> np.ndarray:
+    from mpirefine.cli.common import random_split
+
+    return random_split(n, seed)
+
+
+def _sample(n: int, count: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng([seed, 7]).choice(n, size=min(n, count), replace=False))
+
+
+def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
+    """White (or, when asked, per-shell) noise level from the images' own power.
+
+    At the start the images are almost all noise, so their mean power per shell is a
+    fair first noise estimate; the residual-based update replaces it after the
+    first iteration."""
+    par, ps, xp = job.par, job.particles, job.xp
+    sample = _sample(len(ps), n_images, job.cfg.seed)
+    mine = sample[par.shard(len(sample), par.halves_here[0])] if par.size > 1 else sample
+    n = ps.box
+    sums = np.zeros(n // 2 + 1)
+    counts = np.zeros(n // 2 + 1)
+    with ImageSource(ps) as source:
+        for _, images in source.chunks(mine, job.cfg.image_batch_size):
+            s, c = shell_power_sums(prepare_images(images, job.prep, xp), n)
+            sums += s
+            counts += c
+    sums = par.allreduce_scalar(sums)
+    counts = par.allreduce_scalar(counts)
+    return model_from_sums(sums, counts, constant=not job.cfg.noise_from_images)
+
+
+def estimate_greyscale(job: Job, n_images: int = 300) -> float:
+    """Factor that brings the reference's greyscale to the particles': the median of
+    the particles' optimal scales at their best poses against the low-passed
+    reference (two rounds, since the search itself depends on the scale)."""
+    par, ps, xp = job.par, job.particles, job.xp
+    sample = _sample(len(ps), n_images, job.cfg.seed + 1)
+    mine = sample[par.shard(len(sample), par.halves_here[0])] if par.size > 1 else sample
+    factor = 1.0
+    plan = plan_search(job.resolution_A, job.prep, job.cfg, marginalize=False)
+    for _ in range(2):
+        vft = volume_ft(job.references[0] * factor, pad=PAD)
+        scales = []
+        with ImageSource(ps) as source:
+            for idx, images in source.chunks(mine, job.cfg.image_batch_size):
+                f = prepare_images(images, job.prep, xp)
+                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
+                res = run_search(vft, f, c, job.noise, np.ones(len(idx)), plan)
+                scales.append(np.asarray(res.optimal_scale))
+        scales = np.concatenate(scales) if scales else np.zeros(0)
+        gathered = par.allgather_obj(scales)
+        allscales = np.concatenate(gathered)
+        good = allscales[np.isfinite(allscales) & (allscales > 0)]
+        if len(good) == 0:
+            raise InputError(f"the initial volume {job.cfg.volume} does not correlate positively "
+                             f"with the particles in {job.cfg.particles}; check the volume's "
+                             "contrast (white protein on black) and the CTF parameters")
+        factor *= float(np.median(good))
+    job.log.info(f"greyscale of the input reference re-estimated: ×{factor:.4g}")
+    return factor
+
+
+# ----------------------------------------------------------------------------- iterate
+
+def batch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.ndarray:
+    n_total = len(job.particles)
+    if force_full or job.cfg.disable_auto_batchsize:
+        return np.arange(n_total)
+    radius = job.prep.box * job.prep.pixel_size_A / job.resolution_A
+    size = auto_batch_size(radius, job.cfg.batchsize_epsilon, job.cfg.batchsize_snrfactor)
+    return choose_batch(n_total, size, job.cfg.seed, iteration)
+
+
+def align_and_backproject(job: Job, batch: np.ndarray, timer) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Search every particle of this rank's share of the batch against its half's
+    reference and insert it; returns (accumulators, noise power sums, counts)."""
+    par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
+    n = ps.box
+    plan = plan_search(job.alignment_resolution_A(), job.prep, cfg,
+                       marginalize=cfg.adaptive_marginalization)
+    weights = job.noise.pixel_weights(n, xp)
+    accs, results = {}, []
+    power = np.zeros(n // 2 + 1)
+    counts = np.zeros(n // 2 + 1)
+    with ImageSource(ps) as source:
+        for half in par.halves_here:
+            members = batch[job.split[batch] == half]
+            mine = members[par.shard(len(members), half)]
+            acc = Accumulator.zeros(n, PAD, xp)
+            ref = job.references[half]
+            if job.static_mask is not None:
+                ref = ref * xp.asarray(job.static_mask)
+            elif half in job.masks:
+                ref = ref * xp.asarray(job.masks[half])
+            vft = volume_ft(ref, pad=PAD)
+            for idx, images in source.chunks(mine, cfg.image_batch_size):
+                f = prepare_images(images, job.prep, xp)
+                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
+                with timer("search"):
+                    res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan)
+                scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
+                with timer("backprojection"):
+                    if plan.marginalize:
+                        insert_particles(acc, f, c, weights, res.candidate_rotations,
+                                         res.candidate_shifts_px, scale, res.posterior)
+                    else:
+                        insert_particles(acc, f, c, weights, res.rotations, res.shifts_px, scale)
+                    p, k = res.residual_power(vft, f, c, scale)
+                    power += p
+                    counts += k
+                results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood))
+            accs[half] = acc
+    collect_particle_results(job, results)
+    return accs, power, counts
+
+
+def collect_particle_results(job: Job, results: list) -> None:
+    """Every rank's per-particle results onto world rank 0's ParticleState."""
+    packed = None
+    if results:
+        packed = tuple(np.concatenate([np.asarray(r[i]) for r in results]) for i in range(5))
+    gathered = job.par.gather_obj(packed, root=0)
+    if job.par.is_root:
+        for item in gathered:
+            if item is not None:
+                job.state.update(*item)
+
+
+def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
+    """On the root pair: new resolution, masks and next references; then broadcast."""
+    par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
+    info = None
+    if maps is not None:
+        res = resolution_A(fsc, n, px)
+        masks = {}
+        if cfg.dynamic_mask and cfg.mask is None and res <= cfg.dynamic_mask_start_resolution_A:
+            masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
+                                     cfg.dynamic_mask_near, cfg.dynamic_mask_far,
+                                     cfg.dynamic_mask_absolute) for h in (0, 1)}
+        refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px)
+        job.half_maps, job.fsc, job.masks = maps, fsc, masks
+        info = (res, bool(masks))
+        mine = {h: refs[h] for h in par.halves_here if par.is_half_root(h)}
+    info = par.bcast_obj(info, root=0)
+    job.resolution_A, has_masks = info
+    for half in par.halves_here:
+        buf = np.ascontiguousarray(mine[half]) if par.is_half_root(half) else np.empty((n, n, n), np.float32)
+        par.bcast_half(buf, half)
+        job.references[half] = job.xp.asarray(buf)
+        if has_masks:
+            mbuf = (np.ascontiguousarray(job.masks[half]) if par.is_half_root(half)
+                    else np.empty((n, n, n), np.float32))
+            par.bcast_half(mbuf, half)
+            job.masks[half] = mbuf
+        else:
+            job.masks.pop(half, None)
+
+
+def iterate(job: Job, timer) -> None:
+    cfg, par, log = job.cfg, job.par, job.log
+    best = math.inf
+    converged = False
+    extra_left = cfg.extra_final_passes
+    start = time.time()
+    for iteration in range(1, cfg.max_iterations + 1):
+        t0 = time.time()
+        batch = batch_for_iteration(job, iteration, force_full=converged)
+        full = len(batch) == len(job.particles)
+        accs, power, counts = align_and_backproject(job, batch, timer)
+        job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
+                                    constant=False)
+        with timer("reconstruction"):
+            maps, fsc = reconstruct_half_maps(par, accs, job.prep.box)
+            update_references(job, maps, fsc)
+        res = job.resolution_A
+        seconds = time.time() - t0
+        job.history.append({"iteration": iteration, "batch_size": int(len(batch)),
+                            "full_pass": full, "resolution_A": res, "seconds": seconds,
+                            "alignment_resolution_A": job.alignment_resolution_A()})
+        improved = res < best * (1 - 1e-3)
+        best = min(best, res)
+        if converged:
+            extra_left -= 1
+        elif full and not improved:
+            converged = True
+        remaining = extra_left if converged else None
+        eta = _eta_text(job.history, remaining)
+        log.info(f"iteration {iteration:3d}  batch {len(batch):7d}{' (all)' if full else '      '}  "
+                 f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
+        if converged and extra_left <= 0:
+            break
+    else:
+        log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")
+
+
+def _eta_text(history: list, remaining: int | None) -> str:
+    if remaining is None:
+        return "ETA: until the resolution stops improving"
+    per = history[-1]["seconds"]
+    return f"ETA {remaining * per:6.0f} s ({remaining} more pass{'es' if remaining != 1 else ''})"
+
+
+def _alignment_resolution(job: Job) -> float:
+    cap = job.cfg.max_align_resolution_A
+    return max(job.resolution_A, cap) if cap else job.resolution_A
+
+
+Job.alignment_resolution_A = _alignment_resolution
+
+
+# ----------------------------------------------------------------------------- finish
+
+def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
+    """Write every output on world rank 0; returns the summary there (None elsewhere)."""
+    from mpirefine.halfmaps import fsc_weighted_average
+    from mpirefine.io import write_mrc, write_particles
+    from mpirefine.outputs import write_fsc_csv, write_json
+
+    if not job.par.is_root:
+        return None
+    cfg, out, px, n = job.cfg, job.cfg.out_dir, job.prep.pixel_size_A, job.prep.box
+    maps, fsc = job.half_maps, job.fsc
+    write_mrc(os.path.join(out, "map_half_A.mrc"), maps[0], px)
+    write_mrc(os.path.join(out, "map_half_B.mrc"), maps[1], px)
+    write_mrc(os.path.join(out, "map.mrc"), fsc_weighted_average(maps, fsc, crossing_shell(fsc)), px)
+    mask = job.static_mask if job.static_mask is not None else job.masks.get(0)
+    if mask is not None:
+        write_mrc(os.path.join(out, "mask_refine.mrc"), np.asarray(mask, np.float32), px)
+    write_fsc_csv(os.path.join(out, "fsc.csv"), {"fsc_no_mask": fsc}, n, px)
+    st = job.state
+    write_particles(out, job.particles, st.rotations, st.shifts_px * px, job.split, st.scale)
+    summary = {
+        "command": "refine",
+        "final_resolution_A": job.resolution_A,
+        "n_particles": len(job.particles),
+        "n_particles_aligned": int(st.aligned.sum()),
+        "box": n, "pixel_size_A": px,
+        "n_ranks": job.par.size,
+        "backend": backend_name(job.xp),
+        "wall_seconds": time.time() - wall_start,
+        "greyscale_factor": job.greyscale_factor,
+        "iterations": job.history,
+        "timings_per_rank": timings,
+        "config": cfg.to_dict(),
+    }
+    write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def run(cfg: RefineConfig, par, log) -> dict | None:
+    """The whole refinement; collective over ``par``'s ranks."""
+    wall_start = time.time()
+    cfg.check_supported()
+    timer = par.timer
+    job = prepare(cfg, par, log)
+    log.info(f"refine: {len(job.particles)} particles, box {job.prep.box}, "
+             f"{job.prep.pixel_size_A:.3f} Å/px, {par.size} rank(s), {backend_name(job.xp)}; "
+             f"start at {cfg.initial_lowpass_A:.1f} Å")
+    iterate(job, timer)
+    timings = par.gather_timings()
+    summary = finish(job, timer, wall_start, timings)
+    if summary is not None:
+        log.info(f"final GSFSC resolution {summary['final_resolution_A']:.2f} Å after "
+                 f"{len(job.history)} iterations, {summary['wall_seconds']:.0f} s; "
+                 f"results in {cfg.out_dir}")
+    return summary

@@ -1,0 +1,86 @@
+"""How hard to search at a given alignment resolution, and the search as the EM loop
+calls it.
+
+The final angular step follows the accuracy a resolution needs: features d Å apart
+on a particle of diameter D move by d when the particle turns by d / D radians, so
+the last level's step is half the alignment resolution over the particle diameter
+(taken as the window's inner diameter), so the grid error stays below that bound.  The frequency cut-off of the last level is
+the alignment resolution; the first level uses about 40 % of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpirefine.backend import array_namespace
+from mpirefine.fourier.project import extract_slices
+from mpirefine.fourier.transforms import phase_shift_2d
+from mpirefine.halfmaps import insertion_frequencies
+from mpirefine.physics.noise import shell_power_sums
+from mpirefine.search import SearchParams, search_poses
+
+COARSE_STEP_DEG = 15.0
+MIN_STEP_DEG = 1.0
+MIN_COARSE_RADIUS_PX = 6.0
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    params: SearchParams
+    resolution_A: float
+
+    @property
+    def marginalize(self) -> bool:
+        return self.params.marginalize
+
+
+def plan_search(resolution_A: float, prep, cfg, marginalize: bool) -> SearchPlan:
+    n, px = prep.box, prep.pixel_size_A
+    final_radius = min(n * px / resolution_A, n // 2 - 1)
+    coarse_radius = min(final_radius, max(MIN_COARSE_RADIUS_PX, 0.4 * final_radius))
+    diameter_A = prep.window_inner * n * px
+    final_step = min(COARSE_STEP_DEG, max(MIN_STEP_DEG, 0.5 * math.degrees(resolution_A / diameter_A)))
+    params = SearchParams(coarse_step_deg=COARSE_STEP_DEG, final_step_deg=final_step,
+                          coarse_radius_px=coarse_radius, final_radius_px=final_radius,
+                          shift_range_px=max(3.0, 0.1 * n), coarse_shift_step_px=2.0,
+                          n_keep=8, marginalize=marginalize,
+                          chunk_size=cfg.image_batch_size)
+    return SearchPlan(params=params, resolution_A=resolution_A)
+
+
+class SearchOutcome:
+    """A search's result with the two things the loop derives from it."""
+
+    def __init__(self, result, noise_sigma2):
+        self.result = result
+        self.rotations = result.rotations
+        self.shifts_px = result.shifts_px
+        self.log_likelihood = result.log_likelihood
+        self.optimal_scale = result.scale
+        self.posterior = result.posterior
+        self.candidate_rotations = result.candidate_rotations
+        self.candidate_shifts_px = result.candidate_shifts_px
+        self.stats = result.stats
+
+    def residual_power(self, vft, images_ft, ctf, scale):
+        """Σ |X - a C P|² per shell at the best poses, and the pixel counts (NumPy).
+
+        Pixels beyond the Nyquist circle are left out (the reference has none there)."""
+        xp = array_namespace(images_ft)
+        n = vft.n
+        kx, ky, inside = insertion_frequencies(n, xp)
+        B = images_ft.shape[0]
+        proj = extract_slices(vft, xp.asarray(self.rotations, dtype=xp.float32), kx, ky)
+        x = phase_shift_2d(images_ft, self.shifts_px, n).reshape(B, -1)[:, inside]
+        a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
+        resid = xp.zeros((B, n * (n // 2 + 1)), xp.complex64)
+        resid[:, inside] = x - a * ctf.reshape(B, -1)[:, inside] * proj
+        return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
+
+
+def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan) -> SearchOutcome:
+    result = search_poses(vft, images_ft, ctf, noise.sigma2, np.asarray(scale, float), plan.params)
+    return SearchOutcome(result, noise.sigma2)
