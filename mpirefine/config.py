@@ -99,7 +99,7 @@ class RefineConfig:
         """Reasons this configuration cannot run yet (empty when it can)."""
         problems = []
         if self.symmetry.upper() != "C1":
-            problems.append(f"--symmetry {self.symmetry}: only C1 is supported yet")
+            problems.append(f"--symmetry {self.symmetry}: point groups other than C1 are not supported yet")
         if self.symmetry_relaxation != "none":
             problems.append(f"--symmetry-relaxation {self.symmetry_relaxation}: symmetry "
                             "relaxation is not supported yet")

@@ -34,6 +34,7 @@ from mpirefine.fsc import crossing_shell, resolution_A
 from mpirefine.halfmaps import PAD, insert_particles, reconstruct_half_maps
 from mpirefine.io import ImageSource, read_particles, read_volume
 from mpirefine.masks import dynamic_mask
+from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sums
 from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
 from mpirefine.references import next_references
@@ -141,7 +142,7 @@ def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
     first iteration."""
     par, ps, xp = job.par, job.particles, job.xp
     sample = _sample(len(ps), n_images, job.cfg.seed)
-    mine = sample[par.shard(len(sample), par.halves_here[0])] if par.size > 1 else sample
+    mine = sample[shard_bounds(len(sample), par.rank, par.size)]
     n = ps.box
     sums = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
@@ -161,7 +162,7 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
     reference (two rounds, since the search itself depends on the scale)."""
     par, ps, xp = job.par, job.particles, job.xp
     sample = _sample(len(ps), n_images, job.cfg.seed + 1)
-    mine = sample[par.shard(len(sample), par.halves_here[0])] if par.size > 1 else sample
+    mine = sample[shard_bounds(len(sample), par.rank, par.size)]
     factor = 1.0
     plan = plan_search(job.resolution_A, job.prep, job.cfg, marginalize=False)
     for _ in range(2):
@@ -282,15 +283,37 @@ def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
             job.masks.pop(half, None)
 
 
+@dataclass
+class Convergence:
+    """The stopping rule: converged after the first full pass whose GSFSC resolution
+    does not improve on the best so far (by more than 0.1 %), then ``extra_passes``
+    more full passes.  Minibatch iterations never count as converged: the last
+    iterations always see every particle."""
+
+    extra_passes: int
+    best_A: float = math.inf
+    converged: bool = False
+    remaining: int = 0
+
+    def update(self, resolution_A: float, full_pass: bool) -> bool:
+        """Record an iteration; True when the refinement should stop."""
+        improved = resolution_A < self.best_A * (1 - 1e-3)
+        self.best_A = min(self.best_A, resolution_A)
+        if self.converged:
+            self.remaining -= 1
+        elif full_pass and not improved:
+            self.converged = True
+            self.remaining = self.extra_passes
+        return self.converged and self.remaining <= 0
+
+
 def iterate(job: Job, timer) -> None:
     cfg, par, log = job.cfg, job.par, job.log
-    best = math.inf
-    converged = False
-    extra_left = cfg.extra_final_passes
+    rule = Convergence(cfg.extra_final_passes)
     start = time.time()
     for iteration in range(1, cfg.max_iterations + 1):
         t0 = time.time()
-        batch = batch_for_iteration(job, iteration, force_full=converged)
+        batch = batch_for_iteration(job, iteration, force_full=rule.converged)
         full = len(batch) == len(job.particles)
         accs, power, counts = align_and_backproject(job, batch, timer)
         job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
@@ -303,17 +326,11 @@ def iterate(job: Job, timer) -> None:
         job.history.append({"iteration": iteration, "batch_size": int(len(batch)),
                             "full_pass": full, "resolution_A": res, "seconds": seconds,
                             "alignment_resolution_A": job.alignment_resolution_A()})
-        improved = res < best * (1 - 1e-3)
-        best = min(best, res)
-        if converged:
-            extra_left -= 1
-        elif full and not improved:
-            converged = True
-        remaining = extra_left if converged else None
-        eta = _eta_text(job.history, remaining)
+        stop = rule.update(res, full)
+        eta = _eta_text(job.history, rule.remaining if rule.converged else None)
         log.info(f"iteration {iteration:3d}  batch {len(batch):7d}{' (all)' if full else '      '}  "
                  f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
-        if converged and extra_left <= 0:
+        if stop:
             break
     else:
         log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")

@@ -22,3 +22,13 @@ def xp(request):
 def rng():
     """A fresh seeded generator per test, so tests do not depend on their order."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def refine_dataset(tmp_path_factory):
+    """A small simulated dataset with known truth (tests/refine_data.py)."""
+    from refine_data import make_dataset
+
+    folder = tmp_path_factory.mktemp("refine_data")
+    make_dataset(str(folder))
+    return str(folder)

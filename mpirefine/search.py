@@ -1,0 +1,431 @@
+"""Coarse-to-fine pose search (rotation and shift) by dense likelihood products.
+
+The scheme follows cryoDRGN's ``pose_search``:
+
+- level 0 scores every particle against a global SO(3) grid (step ``coarse_step_deg``)
+  times a shift grid (step ``coarse_shift_step_px`` within ``shift_range_px``), using
+  frequencies up to ``coarse_radius_px``; rotations and shifts are shared by all
+  particles, so this is one large GEMM per chunk of particles
+  (:func:`mpirefine.likelihood.score_shared`);
+- each particle keeps its ``n_keep`` best distinct rotations (each with its best shift);
+- every further level splits each kept rotation into half-size cells (8; 18 for the
+  first split of the irregular global grid's cells, see :mod:`mpirefine.geometry.grids`)
+  and each kept shift into 4, raises the cut-off geometrically towards
+  ``final_radius_px``, and scores every particle's children rotations against its
+  children shifts with a batched GEMM (:func:`mpirefine.likelihood.score_batched`);
+- the last level gives the best pose, its log-likelihood and the optimal scale, and
+  (``marginalize``) posterior weights over the best ``n_posterior`` poses.
+
+Projections of children rotations that several particles share are extracted once:
+per chunk, and for the first refinement level (a fixed set: 18 children per grid
+point) once per search.  Scoring runs over blocks of particles whose temporaries stay
+near 32 MB.  Poses come back as NumPy arrays on the host; the arithmetic runs in the
+namespace of ``vft.data`` (NumPy or CuPy).
+
+Sampling: level 0 only ranks the right cell among the top n_keep if its grids are fine
+enough for its cut-off r0: a shift error δ costs a phase 2π r0 δ / n and a rotation
+error θ moves frequencies by r0 θ Fourier pixels.  A shift step of about n / (3 r0)
+pixels (1 px for n = 32, r0 = 8) and a step of 15–20° at r0 ≈ 6–8 work in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpirefine.backend import array_namespace, to_numpy
+from mpirefine.fourier.project import VolumeFT, extract_slices
+from mpirefine.geometry import grids
+from mpirefine.likelihood import (
+    count_within,
+    log_likelihood,
+    noise_weights,
+    profile_log_likelihood,
+    prepare_projections,
+    score_batched,
+    score_shared,
+    search_frequencies,
+    shift_ramps,
+    weighted_data,
+)
+
+_MAX_SAMPLES_PER_EXTRACT = 1 << 19  # bounds extract_slices' temporaries (~300 B/sample)
+_BLOCK_BYTES = 32 << 20  # scoring temporaries per block: reused by the allocator, near cache
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Settings of :func:`search_poses`.  Steps halve at each level after the first.
+
+    coarse_step_deg / final_step_deg: angular step of the global grid and of the last
+    level (n_levels = ceil(log2(coarse / final)) subdivisions).
+    coarse_radius_px / final_radius_px: frequency cut-off (Fourier pixels, cycles per
+    box) of the first and last level; the last is the current alignment resolution.
+    shift_range_px, coarse_shift_step_px: the level-0 shift grid.
+    n_keep: distinct rotations kept per particle between levels.
+    fit_scale: rank poses by the likelihood maximised over each pose's scale,
+    max(G, 0)² / 2H, instead of using the given scale: robust when the particles'
+    scales are unknown (a 30% error in a biases the ranking towards projections of
+    low power); the result's log_likelihood is then this profile likelihood.
+    marginalize, n_posterior: also return posterior weights over the best n_posterior
+    poses of the last level.
+    chunk_size, max_chunk_MB: particles per chunk, reduced so that a chunk's working
+    arrays stay within about max_chunk_MB.
+    """
+
+    coarse_step_deg: float = 20.0
+    final_step_deg: float = 5.0
+    coarse_radius_px: float = 8.0
+    final_radius_px: float = 16.0
+    shift_range_px: float = 6.0
+    coarse_shift_step_px: float = 1.0
+    n_keep: int = 8
+    fit_scale: bool = False
+    marginalize: bool = False
+    n_posterior: int = 16
+    chunk_size: int = 1024
+    max_chunk_MB: float = 1024.0
+
+    def __post_init__(self):
+        positive = ("coarse_step_deg", "final_step_deg", "coarse_radius_px", "final_radius_px",
+                    "coarse_shift_step_px", "max_chunk_MB")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SearchParams.{name} must be positive, got {getattr(self, name)}")
+        if self.shift_range_px < 0:
+            raise ValueError(f"SearchParams.shift_range_px must be >= 0, got {self.shift_range_px}")
+        for name in ("n_keep", "n_posterior", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SearchParams.{name} must be >= 1, got {getattr(self, name)}")
+        if self.final_step_deg > self.coarse_step_deg:
+            raise ValueError("final_step_deg must not exceed coarse_step_deg")
+        if self.n_levels > 12:
+            raise ValueError("more than 12 subdivisions: raise final_step_deg")
+
+    @property
+    def n_levels(self) -> int:
+        """Subdivision levels after the global one."""
+        return max(0, math.ceil(math.log2(self.coarse_step_deg / self.final_step_deg) - 1e-9))
+
+    def level_radii_px(self) -> list[float]:
+        """Frequency cut-off of each level (n_levels + 1 values), geometric progression."""
+        last = self.final_radius_px
+        if self.n_levels == 0:
+            return [last]
+        first = min(self.coarse_radius_px, last)
+        return [first * (last / first) ** (i / self.n_levels) for i in range(self.n_levels + 1)]
+
+
+@dataclass
+class SearchStats:
+    """Work done by one search: poses scored, GEMM FLOPs, projection samples, seconds."""
+
+    poses_scored: int = 0
+    gemm_flops: float = 0.0
+    projection_samples: int = 0
+    seconds: dict = field(default_factory=lambda: {"project": 0.0, "score": 0.0,
+                                                   "select": 0.0, "total": 0.0})
+
+
+@dataclass
+class SearchResult:
+    """Best pose per particle (host NumPy arrays).
+
+    rotations (B, 3, 3) RELION matrices; shifts_px (B, 2) origins (rlnOriginX/Y in
+    pixels); log_likelihood (B,) at the best pose with the given scale; scale (B,) the
+    optimal scale a* = G / H at the best pose.  With marginalization: posterior (B, M)
+    weights (sum 1), candidate_rotations (B, M, 3, 3), candidate_shifts_px (B, M, 2),
+    best first.
+    """
+
+    rotations: np.ndarray
+    shifts_px: np.ndarray
+    log_likelihood: np.ndarray
+    scale: np.ndarray
+    posterior: np.ndarray | None = None
+    candidate_rotations: np.ndarray | None = None
+    candidate_shifts_px: np.ndarray | None = None
+    stats: SearchStats = field(default_factory=SearchStats)
+
+
+
+@dataclass
+class _Poses:
+    """One level's pose sets for a chunk (host arrays); a leading 1 means shared.
+
+    rotations (1|b, C, 3, 3); keys (1|b, C) int64 (equal keys ⇔ equal rotations);
+    shifts (1|b, T, 2); valid (b, T) bool or None (all valid).
+    """
+
+    rotations: np.ndarray
+    keys: np.ndarray
+    shifts: np.ndarray
+    valid: np.ndarray | None = None
+
+    def rows(self, blk: slice) -> "_Poses":
+        def cut(a):
+            return a if a is None or a.shape[0] == 1 else a[blk]
+
+        return _Poses(cut(self.rotations), cut(self.keys), cut(self.shifts), cut(self.valid))
+
+
+def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
+                 params: SearchParams = SearchParams(), shift_center_px=None) -> SearchResult:
+    """Find each particle's rotation and shift by coarse-to-fine likelihood search.
+
+    vft: the reference (:func:`~mpirefine.fourier.project.volume_ft`), device of the search.
+    images_ft: (B, n, n // 2 + 1) complex particle transforms (centered_rfft2), host or device.
+    ctf: (B, n, n // 2 + 1) float CTF values, or None for no CTF.
+    noise_var_shell: (n // 2 + 1,) noise power E|N_k|² per shell.
+    scale: (B,) positive per-particle scale a (default 1).
+    shift_center_px: optional (B, 2) centre of each particle's shift grid (e.g. the
+    previous origin); default 0.
+    """
+    t_start = time.perf_counter()
+    xp = array_namespace(vft.data)
+    n, B = vft.n, images_ft.shape[0]
+    if tuple(images_ft.shape[1:]) != (n, n // 2 + 1):
+        raise ValueError(f"images_ft must have shape (B, {n}, {n // 2 + 1}), got {images_ft.shape}")
+    if ctf is not None and tuple(ctf.shape) != tuple(images_ft.shape):
+        raise ValueError(f"ctf shape {ctf.shape} differs from images_ft shape {images_ft.shape}")
+    if params.final_radius_px > n // 2 - 1:
+        raise ValueError(f"final_radius_px {params.final_radius_px} exceeds the box's {n // 2 - 1}")
+    scale = np.ones(B) if scale is None else to_numpy(scale).astype(np.float64).reshape(B)
+    if not np.all(scale > 0):
+        raise ValueError("particle scales must be positive")
+
+    stats = SearchStats()
+    radii = params.level_radii_px()
+    kx, ky, index, radius = search_frequencies(n, radii[-1], xp)
+    n_freq = [count_within(radius, r) for r in radii]
+    weights = noise_weights(noise_var_shell, n, index)
+    grid = grids.so3_grid(params.coarse_step_deg)
+    shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
+    tables0 = prepare_projections(_project(vft, grid, kx[: n_freq[0]], ky[: n_freq[0]], stats))
+    chunk = _chunk_size(params, n_freq[-1])
+    n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
+    cache = None
+    if params.n_levels and chunk < B and 12 * n_level1 * n_freq[1] <= params.max_chunk_MB * 2 ** 19:
+        cache = _ProjectionCache(n_level1, n_freq[1], xp)
+
+    M = params.n_posterior if params.marginalize else 0
+    out = _Outputs.empty(B, M)
+    for start in range(0, B, chunk):
+        sl = slice(start, min(B, start + chunk))
+        b = sl.stop - sl.start
+        X = xp.asarray(images_ft[sl]).reshape(b, -1)[:, index]
+        C = xp.ones(X.shape, xp.float32) if ctf is None else xp.asarray(ctf[sl]).reshape(b, -1)[:, index]
+        wcx, wc2 = weighted_data(X, C, weights)
+        a = xp.asarray(scale[sl], dtype=xp.float32)
+        shifts = shifts0[None] if shift_center_px is None else (
+            np.asarray(shift_center_px, float)[sl, None, :] + shifts0)
+        poses = _Poses(grid[None], np.arange(len(grid), dtype=np.int64)[None], shifts)
+        tables, rows = tables0, None
+        for level in range(params.n_levels + 1):
+            K = n_freq[level]
+            if level:
+                poses = _children(kept, level, params, stats)
+                tables, rows = _child_projections(vft, poses, kx[:K], ky[:K],
+                                                  cache if level == 1 else None, stats)
+            last = level == params.n_levels
+            parts = []
+            for blk in _blocks(b, poses, K):
+                p = poses.rows(blk)
+                g, h = _score_block(wcx[blk, :K], wc2[blk, :K], p, tables,
+                                    None if rows is None else rows[blk], kx[:K], ky[:K], n, stats)
+                score = _pose_score(a[blk], params.fit_scale)
+                if last:
+                    _finish(g, h, p, score, M, out, start + blk.start, stats)
+                else:
+                    parts.append(_keep_best(g, h, p, score, params.n_keep, stats))
+            if not last:
+                kept = tuple(np.concatenate(v, axis=0) for v in zip(*parts))
+    stats.seconds["total"] = time.perf_counter() - t_start
+    return SearchResult(out.rotations, out.shifts, out.loglik, out.scale,
+                        out.posterior if M else None, out.cand_rot if M else None,
+                        out.cand_shift if M else None, stats)
+
+
+def _project(vft, rotations, kx, ky, stats):
+    """extract_slices in blocks of rotations: (R, K) complex64 on vft's device."""
+    xp = array_namespace(vft.data)
+    t0 = time.perf_counter()
+    step = max(1, _MAX_SAMPLES_PER_EXTRACT // max(1, kx.shape[0]))
+    parts = [extract_slices(vft, rotations[i: i + step], kx, ky) for i in range(0, len(rotations), step)]
+    out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+    stats.projection_samples += int(out.size)
+    stats.seconds["project"] += time.perf_counter() - t0
+    return out
+
+
+def _chunk_size(params, n_freq_last) -> int:
+    """Particles per chunk: the chunk's projection tables (12 bytes per rotation and
+    frequency, ≤ 18 n_keep rotations per particle) and data fit in max_chunk_MB."""
+    n_rot = len(grids.ROTATION_STENCILS["hopf"]) * params.n_keep
+    per_particle = 12 * (n_rot + 1) * n_freq_last + 4096
+    return int(max(1, min(params.chunk_size, params.max_chunk_MB * 2 ** 20 // per_particle)))
+
+
+def _blocks(b, poses: _Poses, K):
+    """Slices of a chunk's particles whose scoring temporaries stay near _BLOCK_BYTES."""
+    T, C = poses.shifts.shape[1], poses.keys.shape[1]
+    per_particle = 4 * T * C + 24 * T * K + (12 * C * K if poses.keys.shape[0] > 1 else 0)
+    step = int(max(1, _BLOCK_BYTES // per_particle))
+    return [slice(i, min(b, i + step)) for i in range(0, b, step)]
+
+
+def _score_block(wcx, wc2, poses: _Poses, tables, rows, kx, ky, n, stats):
+    """G (b, T, C), H (b, C) for a block; shared rotations when rows is None."""
+    xp = array_namespace(wcx)
+    t0 = time.perf_counter()
+    b, K = wcx.shape
+    T, C = poses.shifts.shape[1], poses.keys.shape[1]
+    if rows is None:
+        shifts = poses.shifts[0] if poses.shifts.shape[0] == 1 else poses.shifts
+        g, h = score_shared(wcx, wc2, shift_ramps(kx, ky, shifts, n), *tables)
+    else:
+        r = xp.asarray(rows)
+        g, h = score_batched(wcx, wc2, shift_ramps(kx, ky, poses.shifts, n),
+                             tables[0][r], tables[1][r])
+    stats.poses_scored += (b * T if poses.valid is None else int(poses.valid.sum())) * C
+    stats.gemm_flops += 2.0 * b * T * 2 * K * C + 2.0 * b * K * C
+    stats.seconds["score"] += time.perf_counter() - t0
+    return g, h
+
+
+def _children(kept, level, params, stats) -> _Poses:
+    """Children rotations (hopf stencil after the global grid, then octants) and shifts."""
+    t0 = time.perf_counter()
+    rotations, keys, shifts = kept
+    b, k = keys.shape
+    stencil = "hopf" if level == 1 else "octant"
+    n_child = len(grids.ROTATION_STENCILS[stencil])
+    step_deg = params.coarse_step_deg / 2 ** (level - 1)
+    children = grids.rotation_children(rotations.reshape(-1, 3, 3), step_deg, stencil)
+    child_keys = (keys[:, :, None] * n_child + np.arange(n_child)).reshape(b, -1)
+    step_px = params.coarse_shift_step_px / 2 ** (level - 1)
+    child_shifts, valid = grids.unique_shifts(grids.shift_children(shifts, step_px).reshape(b, -1, 2))
+    stats.seconds["select"] += time.perf_counter() - t0
+    return _Poses(children.reshape(b, k * n_child, 3, 3), child_keys, child_shifts, valid)
+
+
+class _ProjectionCache:
+    """Projections of the first level's children, kept across chunks.
+
+    Their keys (grid index × 18 + child) form a fixed, finite set that every particle
+    draws from, so each is extracted once per search however many chunks there are.
+    """
+
+    def __init__(self, n_keys: int, n_freq: int, xp):
+        self.stacked = xp.zeros((n_keys, 2 * n_freq), dtype=xp.float32)
+        self.power = xp.zeros((n_keys, n_freq), dtype=xp.float32)
+        self.filled = np.zeros(n_keys, dtype=bool)
+
+
+def _child_projections(vft, poses: _Poses, kx, ky, cache, stats):
+    """Projection tables (stacked, power) and per-particle rows (b, C) into them.
+
+    Each distinct key of the chunk is extracted once (or once per search with a cache).
+    """
+    xp = array_namespace(vft.data)
+    b, C = poses.keys.shape
+    unique, first, inverse = np.unique(poses.keys.ravel(), return_index=True, return_inverse=True)
+    flat = poses.rotations.reshape(-1, 3, 3)
+    if cache is None:
+        return prepare_projections(_project(vft, flat[first], kx, ky, stats)), inverse.reshape(b, C)
+    missing = ~cache.filled[unique]
+    if missing.any():
+        stacked, power = prepare_projections(_project(vft, flat[first[missing]], kx, ky, stats))
+        where = xp.asarray(unique[missing])
+        cache.stacked[where] = stacked
+        cache.power[where] = power
+        cache.filled[unique[missing]] = True
+    return (cache.stacked, cache.power), poses.keys
+
+
+def _pick(table, index):
+    """table (1|b, N, ...) indexed per particle by index (b, k) → (b, k, ...)."""
+    rows = np.arange(index.shape[0])[:, None] if table.shape[0] > 1 else 0
+    return table[rows, index]
+
+
+def _masked(g, valid):
+    xp = array_namespace(g)
+    return g if valid is None else xp.where(xp.asarray(valid)[:, :, None], g, -xp.inf)
+
+
+def _pose_score(a, fit_scale: bool):
+    """L(g (b, T, C), h (b, C)) → (b, T, C): with the given scales a (b,) or fitted ones."""
+    if fit_scale:
+        return lambda g, h: profile_log_likelihood(g, h[:, None, :])
+    return lambda g, h: log_likelihood(g, h, a)
+
+
+def _keep_best(g, h, poses: _Poses, score, n_keep, stats):
+    """The n_keep best rotations per particle, each with its best shift (host arrays).
+
+    Both scores grow with G for fixed H, so the best shift of a rotation maximises G.
+    """
+    xp = array_namespace(g)
+    t0 = time.perf_counter()
+    g = _masked(g, poses.valid)
+    L = score(g.max(axis=1)[:, None, :], h)[:, 0]
+    b, T, C = g.shape
+    k = min(n_keep, C)
+    top = xp.argpartition(-L, k - 1, axis=1)[:, :k] if k < C else xp.broadcast_to(xp.arange(C), (b, C))
+    g_top = xp.take_along_axis(g, xp.broadcast_to(top[:, None, :], (b, T, k)), axis=2)
+    top_t = to_numpy(xp.argmax(g_top, axis=1))
+    top = to_numpy(top)
+    kept = (_pick(poses.rotations, top), _pick(poses.keys, top), _pick(poses.shifts, top_t))
+    stats.seconds["select"] += time.perf_counter() - t0
+    return kept
+
+
+@dataclass
+class _Outputs:
+    rotations: np.ndarray
+    shifts: np.ndarray
+    loglik: np.ndarray
+    scale: np.ndarray
+    posterior: np.ndarray
+    cand_rot: np.ndarray
+    cand_shift: np.ndarray
+
+    @classmethod
+    def empty(cls, B, M):
+        return cls(np.zeros((B, 3, 3)), np.zeros((B, 2)), np.zeros(B), np.zeros(B),
+                   np.zeros((B, M)), np.zeros((B, M, 3, 3)), np.zeros((B, M, 2)))
+
+
+def _finish(g, h, poses: _Poses, score, M, out: _Outputs, offset, stats):
+    """Best pose, its log-likelihood and optimal scale; posterior over the top M poses."""
+    xp = array_namespace(g)
+    t0 = time.perf_counter()
+    g = _masked(g, poses.valid)
+    b, T, C = g.shape
+    sl = slice(offset, offset + b)
+    L = score(g, h).reshape(b, T * C)
+    best = xp.argmax(L, axis=1)[:, None]
+    best_h = to_numpy(best)
+    out.rotations[sl] = _pick(poses.rotations, best_h % C)[:, 0]
+    out.shifts[sl] = _pick(poses.shifts, best_h // C)[:, 0]
+    out.loglik[sl] = to_numpy(xp.take_along_axis(L, best, axis=1))[:, 0]
+    g_best = to_numpy(xp.take_along_axis(g.reshape(b, T * C), best, axis=1))[:, 0]
+    h_best = to_numpy(xp.take_along_axis(h, best % C, axis=1))[:, 0]
+    out.scale[sl] = g_best / h_best
+    if M:
+        m = min(M, T * C)
+        top = xp.argpartition(-L, m - 1, axis=1)[:, :m] if m < T * C else xp.broadcast_to(
+            xp.arange(T * C), (b, T * C))
+        L_top = xp.take_along_axis(L, top, axis=1)
+        order = xp.argsort(-L_top, axis=1)
+        top, L_top = (xp.take_along_axis(v, order, axis=1) for v in (top, L_top))
+        w = xp.exp((L_top - L_top[:, :1]).astype(xp.float64))
+        out.posterior[sl, :m] = to_numpy(w / w.sum(axis=1, keepdims=True))
+        top = to_numpy(top)
+        out.cand_rot[sl, :m] = _pick(poses.rotations, top % C)
+        out.cand_shift[sl, :m] = _pick(poses.shifts, top // C)
+    stats.seconds["select"] += time.perf_counter() - t0
