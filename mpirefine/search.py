@@ -52,7 +52,6 @@ from mpirefine.likelihood import (
     weighted_data,
 )
 
-_MAX_SAMPLES_PER_EXTRACT = 1 << 19  # bounds extract_slices' temporaries (~300 B/sample)
 _BLOCK_BYTES = 32 << 20  # scoring temporaries per block: reused by the allocator, near cache
 
 
@@ -250,12 +249,9 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
 
 
 def _project(vft, rotations, kx, ky, stats):
-    """extract_slices in blocks of rotations: (R, K) complex64 on vft's device."""
-    xp = array_namespace(vft.data)
+    """extract_slices, timed and counted: (R, K) complex64 on vft's device."""
     t0 = time.perf_counter()
-    step = max(1, _MAX_SAMPLES_PER_EXTRACT // max(1, kx.shape[0]))
-    parts = [extract_slices(vft, rotations[i: i + step], kx, ky) for i in range(0, len(rotations), step)]
-    out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+    out = extract_slices(vft, rotations, kx, ky)
     stats.projection_samples += int(out.size)
     stats.seconds["project"] += time.perf_counter() - t0
     return out

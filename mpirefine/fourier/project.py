@@ -7,7 +7,7 @@ flip every trilinear corner has x ≥ 0, so the half-space array suffices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mpirefine.backend import array_namespace
 from mpirefine.fourier.transforms import (
@@ -31,10 +31,23 @@ class VolumeFT:
     data: object
     n: int
     pad: int
+    _table: object = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return self.data.shape[0]
+
+    def gather_table(self):
+        """``data`` framed by zero planes (one before, three after, in y and z; two
+        after in x), flattened, so that every trilinear corner of a point clipped to
+        the frame is a valid index and corners outside the grid read 0.  Built once."""
+        if self._table is None:
+            xp = array_namespace(self.data)
+            P, nx = self.size, self.data.shape[2]
+            table = xp.zeros((P + 4, P + 4, nx + 2), xp.complex64)
+            table[1:P + 1, 1:P + 1, :nx] = self.data
+            self._table = table.ravel()
+        return self._table
 
 
 def volume_ft(volume, pad: int = 2, gridding: bool = True) -> VolumeFT:
@@ -108,13 +121,50 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
 
     rotations: (R, 3, 3); kx, ky: (K,) cycles per box of the *unpadded* images.
     Returns (R, K) complex64: the Fourier transform of each projection at (kx, ky).
+
+    The same operator as :func:`trilinear_stencil` with a gather (the adjoint of
+    insertion), written for speed: blocks of about 10⁵ samples stay in cache, and
+    the zero frame of :meth:`VolumeFT.gather_table` replaces per-corner bounds checks.
     """
     xp = array_namespace(vft.data)
-    q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), vft.pad)
-    index, weight, flip = trilinear_stencil(*q, vft.size)
-    flat = vft.data.ravel()
-    values = (flat[index] * weight).sum(axis=0)
-    return xp.where(flip, xp.conj(values), values).astype(xp.complex64)
+    rotations = xp.asarray(rotations, dtype=xp.float32)
+    kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
+    step = max(1, _SAMPLES_PER_BLOCK // max(1, kx.shape[0]))
+    parts = [_extract_block(vft, rotations[i:i + step], kx, ky)
+             for i in range(0, rotations.shape[0], step)]
+    if not parts:
+        return xp.zeros((0, kx.shape[0]), xp.complex64)
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+
+
+_SAMPLES_PER_BLOCK = 1 << 17
+
+
+def _extract_block(vft: VolumeFT, rotations, kx, ky):
+    xp = array_namespace(vft.data)
+    table = vft.gather_table()
+    P, nx = vft.size, vft.data.shape[2]
+    stride_y, stride_z = nx + 2, (P + 4) * (nx + 2)
+    qx, qy, qz = slice_coordinates(rotations, kx, ky, vft.pad)
+    flip = qx < 0
+    sign = xp.where(flip, xp.float32(-1), xp.float32(1))
+    # frame coordinates: x from 0, y and z from 1 (the leading zero plane)
+    x = xp.clip(qx * sign, 0, nx)
+    y = xp.clip(qy * sign + (P // 2 + 1), 0, P + 2)
+    z = xp.clip(qz * sign + (P // 2 + 1), 0, P + 2)
+    x0, y0, z0 = (xp.floor(c) for c in (x, y, z))
+    fx, fy, fz = x - x0, y - y0, z - z0
+    itype = xp.int32 if table.size < 2 ** 31 else xp.int64
+    base = z0.astype(itype) * stride_z + y0.astype(itype) * stride_y + x0.astype(itype)
+    wx, wy, wz = (1 - fx, fx), (1 - fy, fy), (1 - fz, fz)
+    out = xp.zeros(qx.shape, xp.complex64)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            wzy = wz[dz] * wy[dy]
+            offset = dz * stride_z + dy * stride_y
+            for dx in (0, 1):
+                out += table[base + (offset + dx)] * (wzy * wx[dx])
+    return xp.where(flip, xp.conj(out), out)
 
 
 def project_transforms(vft: VolumeFT, rotations):
