@@ -36,6 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--shift-step-px", type=float, default=1.0)
     p.add_argument("--n-keep", type=int, default=8)
     p.add_argument("--marginalize", action="store_true")
+    p.add_argument("--plan-resolution-A", type=float, default=None,
+                   help="take every search setting from the refinement's own plan at this "
+                        "alignment resolution (search_plan.plan_search) instead of the "
+                        "step/radius/shift options above")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads (CPU)")
@@ -59,11 +63,22 @@ def main(argv=None):
     xp = choose_backend(args.backend)
     sync = _synchronizer(xp)
     vft, images, ctf, noise_var, rotations, shifts = _simulate(args, xp)
-    params = SearchParams(
-        coarse_step_deg=args.coarse_step_deg, final_step_deg=args.final_step_deg,
-        coarse_radius_px=args.coarse_radius_px, final_radius_px=args.final_radius_px,
-        shift_range_px=args.shift_range_px, coarse_shift_step_px=args.shift_step_px,
-        n_keep=args.n_keep, marginalize=args.marginalize, chunk_size=args.chunk_size)
+    if args.plan_resolution_A:
+        from types import SimpleNamespace
+
+        from mpirefine.preprocess import ImagePrep
+        from mpirefine.search_plan import plan_search
+
+        prep = ImagePrep(box=args.box, pixel_size_A=args.pixel_size_A)
+        params = plan_search(args.plan_resolution_A, prep,
+                             SimpleNamespace(image_batch_size=args.chunk_size),
+                             marginalize=args.marginalize).params
+    else:
+        params = SearchParams(
+            coarse_step_deg=args.coarse_step_deg, final_step_deg=args.final_step_deg,
+            coarse_radius_px=args.coarse_radius_px, final_radius_px=args.final_radius_px,
+            shift_range_px=args.shift_range_px, coarse_shift_step_px=args.shift_step_px,
+            n_keep=args.n_keep, marginalize=args.marginalize, chunk_size=args.chunk_size)
 
     gemm_rate = _gemm_rate(xp, sync)
     times, result = [], None

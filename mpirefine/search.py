@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier.project import VolumeFT, extract_slices
+from mpirefine.fourier.project import VolumeFT, extract_slices, rotation_blocks
 from mpirefine.geometry import grids
 from mpirefine.likelihood import (
     count_within,
@@ -203,7 +203,7 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     weights = noise_weights(noise_var_shell, n, index)
     grid = grids.so3_grid(params.coarse_step_deg)
     shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
-    tables0 = prepare_projections(_project(vft, grid, kx[: n_freq[0]], ky[: n_freq[0]], stats))
+    tables0 = _project(vft, grid, kx[: n_freq[0]], ky[: n_freq[0]], stats)
     chunk = _chunk_size(params, n_freq[-1])
     n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
     cache = None
@@ -249,12 +249,20 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
 
 
 def _project(vft, rotations, kx, ky, stats):
-    """extract_slices, timed and counted: (R, K) complex64 on vft's device."""
+    """Scoring tables of the projections at ``rotations``: (stacked (R, 2K), power (R, K))
+    as :func:`~mpirefine.likelihood.prepare_projections` makes them, built block by
+    block so that each block's projections are still in cache when they are used."""
+    xp = array_namespace(vft.data)
     t0 = time.perf_counter()
-    out = extract_slices(vft, rotations, kx, ky)
-    stats.projection_samples += int(out.size)
+    rotations = np.asarray(rotations)
+    R, K = len(rotations), kx.shape[0]
+    stacked = xp.empty((R, 2 * K), xp.float32)
+    power = xp.empty((R, K), xp.float32)
+    for blk in rotation_blocks(R, K):
+        stacked[blk], power[blk] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
+    stats.projection_samples += R * K
     stats.seconds["project"] += time.perf_counter() - t0
-    return out
+    return stacked, power
 
 
 def _chunk_size(params, n_freq_last) -> int:
@@ -331,10 +339,10 @@ def _child_projections(vft, poses: _Poses, kx, ky, cache, stats):
     unique, first, inverse = np.unique(poses.keys.ravel(), return_index=True, return_inverse=True)
     flat = poses.rotations.reshape(-1, 3, 3)
     if cache is None:
-        return prepare_projections(_project(vft, flat[first], kx, ky, stats)), inverse.reshape(b, C)
+        return _project(vft, flat[first], kx, ky, stats), inverse.reshape(b, C)
     missing = ~cache.filled[unique]
     if missing.any():
-        stacked, power = prepare_projections(_project(vft, flat[first[missing]], kx, ky, stats))
+        stacked, power = _project(vft, flat[first[missing]], kx, ky, stats)
         where = xp.asarray(unique[missing])
         cache.stacked[where] = stacked
         cache.power[where] = power

@@ -129,15 +129,24 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     xp = array_namespace(vft.data)
     rotations = xp.asarray(rotations, dtype=xp.float32)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
-    step = max(1, _SAMPLES_PER_BLOCK // max(1, kx.shape[0]))
-    parts = [_extract_block(vft, rotations[i:i + step], kx, ky)
-             for i in range(0, rotations.shape[0], step)]
-    if not parts:
-        return xp.zeros((0, kx.shape[0]), xp.complex64)
-    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+    blocks = rotation_blocks(rotations.shape[0], kx.shape[0])
+    if len(blocks) == 1:
+        return _extract_block(vft, rotations, kx, ky)
+    out = xp.empty((rotations.shape[0], kx.shape[0]), xp.complex64)
+    for blk in blocks:
+        out[blk] = _extract_block(vft, rotations[blk], kx, ky)
+    return out
 
 
 _SAMPLES_PER_BLOCK = 1 << 17
+
+
+def rotation_blocks(n_rotations: int, n_freq: int) -> list[slice]:
+    """Slices of rotations whose slices hold about 10⁵ samples: extraction's
+    temporaries then stay in cache, and callers that post-process projections (the
+    search) can do so block by block too."""
+    step = max(1, _SAMPLES_PER_BLOCK // max(1, n_freq))
+    return [slice(i, min(n_rotations, i + step)) for i in range(0, max(n_rotations, 1), step)]
 
 
 def _extract_block(vft: VolumeFT, rotations, kx, ky):
