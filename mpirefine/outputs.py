@@ -14,7 +14,7 @@ from mpirefine.fsc import shell_resolution_A
 from mpirefine.atomic import publish
 
 #: files whose presence marks a folder as holding a previous job's results
-RESULT_FILES = ("summary.json", "map.mrc", "map_half_A.mrc", "particles.star")
+RESULT_FILES = ("summary.json", "map.mrc", "map_half_A.mrc", "particles.star", "checkpoint.h5")
 
 
 def prepare_out_dir(path: str, overwrite: bool) -> str:

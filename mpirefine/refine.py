@@ -16,10 +16,9 @@ pair (world ranks 0 and 1, or rank 0 alone) does the per-iteration map work.
 
 from __future__ import annotations
 
-import math
 import os
+import signal
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,57 +38,15 @@ from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sum
 from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
 from mpirefine.references import next_references
 from mpirefine.search_plan import plan_search, run_search
-
-
-@dataclass
-class ParticleState:
-    """Per-particle results of the latest pass each particle took part in (host)."""
-
-    rotations: np.ndarray         # (N, 3, 3)
-    shifts_px: np.ndarray         # (N, 2) RELION origin in pixels
-    scale: np.ndarray             # (N,)
-    log_likelihood: np.ndarray    # (N,)
-    aligned: np.ndarray           # (N,) bool
-
-    @classmethod
-    def empty(cls, n: int, scale) -> "ParticleState":
-        return cls(np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)), np.asarray(scale, float).copy(),
-                   np.full(n, -np.inf), np.zeros(n, bool))
-
-    def update(self, idx, rotations, shifts_px, scale, log_likelihood) -> None:
-        self.rotations[idx] = rotations
-        self.shifts_px[idx] = shifts_px
-        self.scale[idx] = scale
-        self.log_likelihood[idx] = log_likelihood
-        self.aligned[idx] = True
-
-
-@dataclass
-class Job:
-    """What the loop carries from one iteration to the next."""
-
-    cfg: RefineConfig
-    par: object
-    xp: object
-    particles: object
-    split: np.ndarray
-    prep: ImagePrep
-    references: dict                  # half → (n, n, n) reference on this rank (xp)
-    noise: NoiseModel
-    state: ParticleState
-    static_mask: np.ndarray | None
-    resolution_A: float
-    log: object
-    history: list = field(default_factory=list)
-    masks: dict = field(default_factory=dict)
-    fsc: np.ndarray | None = None
-    half_maps: dict | None = None
-    greyscale_factor: float = 1.0
+from mpirefine import restart
+from mpirefine.state import Convergence, Job, ParticleState
 
 
 # ----------------------------------------------------------------------------- prepare
 
-def prepare(cfg: RefineConfig, par, log) -> Job:
+def open_inputs(cfg: RefineConfig, par):
+    """Device, particles, initial volume, static mask and image preparation, checked
+    against each other.  Returns (xp, particles, volume, static_mask, prep)."""
     xp = par.select_device(cfg.device)
     ps = read_particles(cfg.particles, project_dir=cfg.project_dir)
     volume, vol_px = read_volume(cfg.volume)
@@ -108,10 +65,20 @@ def prepare(cfg: RefineConfig, par, log) -> Job:
                              "use a mask made for this box")
         if static_mask.min() < -1e-3 or static_mask.max() > 1 + 1e-3:
             raise InputError(f"mask {cfg.mask} has values outside [0, 1]; give a soft mask")
-    split = ps.split.copy() if np.all(ps.split >= 0) else _random_split(len(ps), cfg.seed)
-    scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
+        if static_mask.max() <= 0:
+            # An empty mask would zero every reference and the search would score noise.
+            raise InputError(f"mask {cfg.mask} is empty (no voxel above 0); give a mask that "
+                             "is 1 over the particle")
     prep = ImagePrep(box=n, pixel_size_A=px, window=cfg.window,
                      window_inner=cfg.window_inner, window_outer=cfg.window_outer)
+    return xp, ps, volume, static_mask, prep
+
+
+def prepare(cfg: RefineConfig, par, log) -> Job:
+    xp, ps, volume, static_mask, prep = open_inputs(cfg, par)
+    n, px = prep.box, prep.pixel_size_A
+    split = ps.split.copy() if np.all(ps.split >= 0) else _random_split(len(ps), cfg.seed)
+    scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
     reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, px)
     job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
               references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, n),
@@ -265,7 +232,7 @@ def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
                                      cfg.dynamic_mask_near, cfg.dynamic_mask_far,
                                      cfg.dynamic_mask_absolute) for h in (0, 1)}
         refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px)
-        job.half_maps, job.fsc, job.masks = maps, fsc, masks
+        job.half_maps, job.fsc, job.masks, job.next_references = maps, fsc, masks, refs
         info = (res, bool(masks))
         mine = {h: refs[h] for h in par.halves_here if par.is_half_root(h)}
     info = par.bcast_obj(info, root=0)
@@ -283,35 +250,15 @@ def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
             job.masks.pop(half, None)
 
 
-@dataclass
-class Convergence:
-    """The stopping rule: converged after the first full pass whose GSFSC resolution
-    does not improve on the best so far (by more than 0.1 %), then ``extra_passes``
-    more full passes.  Minibatch iterations never count as converged: the last
-    iterations always see every particle."""
+def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> None:
+    """Iterations ``first_iteration`` .. until ``rule`` says stop; a checkpoint after each.
 
-    extra_passes: int
-    best_A: float = math.inf
-    converged: bool = False
-    remaining: int = 0
-
-    def update(self, resolution_A: float, full_pass: bool) -> bool:
-        """Record an iteration; True when the refinement should stop."""
-        improved = resolution_A < self.best_A * (1 - 1e-3)
-        self.best_A = min(self.best_A, resolution_A)
-        if self.converged:
-            self.remaining -= 1
-        elif full_pass and not improved:
-            self.converged = True
-            self.remaining = self.extra_passes
-        return self.converged and self.remaining <= 0
-
-
-def iterate(job: Job, timer) -> None:
+    SIGTERM (what SLURM sends before killing a job at its time limit) lets the
+    current iteration finish and its checkpoint be written, then ends the job with
+    :class:`Preempted`; ``--continue`` goes on from there."""
     cfg, par, log = job.cfg, job.par, job.log
-    rule = Convergence(cfg.extra_final_passes)
     start = time.time()
-    for iteration in range(1, cfg.max_iterations + 1):
+    for iteration in range(first_iteration, cfg.max_iterations + 1):
         t0 = time.time()
         batch = batch_for_iteration(job, iteration, force_full=rule.converged)
         full = len(batch) == len(job.particles)
@@ -330,10 +277,38 @@ def iterate(job: Job, timer) -> None:
         eta = _eta_text(job.history, rule.remaining if rule.converged else None)
         log.info(f"iteration {iteration:3d}  batch {len(batch):7d}{' (all)' if full else '      '}  "
                  f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
+        with timer("checkpoint"):
+            if par.is_root:
+                restart.save(job, iteration, rule)
+        if par.allreduce_scalar(int(_TERMINATION.requested), op="max"):
+            raise Preempted(f"stopped by SIGTERM after iteration {iteration}; the checkpoint "
+                            f"is complete: continue with  mpirefine refine --continue {cfg.out_dir}")
         if stop:
             break
     else:
         log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SIGTERM) and stopped after a complete checkpoint."""
+
+
+class _Termination:
+    """Remembers a SIGTERM until the end of the iteration in progress."""
+
+    requested = False
+
+    def install(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. under a test runner's thread)
+            pass
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+_TERMINATION = _Termination()
 
 
 def _eta_text(history: list, remaining: int | None) -> str:
@@ -343,38 +318,61 @@ def _eta_text(history: list, remaining: int | None) -> str:
     return f"ETA {remaining * per:6.0f} s ({remaining} more pass{'es' if remaining != 1 else ''})"
 
 
-def _alignment_resolution(job: Job) -> float:
-    cap = job.cfg.max_align_resolution_A
-    return max(job.resolution_A, cap) if cap else job.resolution_A
-
-
-Job.alignment_resolution_A = _alignment_resolution
-
-
 # ----------------------------------------------------------------------------- finish
 
 def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
-    """Write every output on world rank 0; returns the summary there (None elsewhere)."""
+    """Write every output on world rank 0; returns the summary there (None elsewhere).
+
+    The reported resolution is the mask-corrected GSFSC of the auto-tightened FSC mask
+    (validation.py); map.mrc is filtered by that curve and map_sharp.mrc is map.mrc with
+    its Guinier B-factor undone up to that resolution (sharpen.py)."""
+    from dataclasses import asdict
+
     from mpirefine.halfmaps import fsc_weighted_average
     from mpirefine.io import write_mrc, write_particles
     from mpirefine.outputs import write_fsc_csv, write_json
+    from mpirefine.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
+    from mpirefine.validation import fsc_suite
 
     if not job.par.is_root:
         return None
     cfg, out, px, n = job.cfg, job.cfg.out_dir, job.prep.pixel_size_A, job.prep.box
-    maps, fsc = job.half_maps, job.fsc
+    maps = job.half_maps
     write_mrc(os.path.join(out, "map_half_A.mrc"), maps[0], px)
     write_mrc(os.path.join(out, "map_half_B.mrc"), maps[1], px)
-    write_mrc(os.path.join(out, "map.mrc"), fsc_weighted_average(maps, fsc, crossing_shell(fsc)), px)
+    # FSC masks come from the half maps, never from the user's (alignment-only) mask
+    suite = fsc_suite(maps[0], maps[1], px, resolution_A_hint=job.resolution_A,
+                      window_inner=cfg.window_inner, window_outer=cfg.window_outer, seed=cfg.seed)
+    final_fsc, final_res = suite.final_curve, suite.final_resolution_A
+    filtered = fsc_weighted_average(maps, final_fsc, crossing_shell(final_fsc))
+    write_mrc(os.path.join(out, "map.mrc"), filtered, px)
+    sharp, guinier = sharpen_filtered_map(filtered, final_res, px)
+    if guinier.n_shells < MIN_FIT_SHELLS:
+        job.log.warning(f"map_sharp.mrc is not sharpened: {guinier.n_shells} shell(s) between "
+                        f"{guinier.low_resolution_A:.0f} Å and {final_res:.2f} Å are too few "
+                        "for a Guinier fit")
+    write_mrc(os.path.join(out, "map_sharp.mrc"), sharp, px)
+    write_mrc(os.path.join(out, "mask_fsc.mrc"), suite.masks["tight"], px)
+    write_mrc(os.path.join(out, "mask_fsc_auto.mrc"), suite.masks["auto"], px)
     mask = job.static_mask if job.static_mask is not None else job.masks.get(0)
     if mask is not None:
         write_mrc(os.path.join(out, "mask_refine.mrc"), np.asarray(mask, np.float32), px)
-    write_fsc_csv(os.path.join(out, "fsc.csv"), {"fsc_no_mask": fsc}, n, px)
+    write_fsc_csv(os.path.join(out, "fsc.csv"), suite.curves, n, px)
+    job.log.info(f"FSC masks: tight {suite.resolution_A['corrected']:.2f} Å (corrected), auto "
+                 f"'{suite.auto_mask_name}' {final_res:.2f} Å; unmasked "
+                 f"{suite.resolution_A['no_mask']:.2f} Å; B-factor {guinier.bfactor_A2:.0f} Å²")
     st = job.state
     write_particles(out, job.particles, st.rotations, st.shifts_px * px, job.split, st.scale)
     summary = {
         "command": "refine",
-        "final_resolution_A": job.resolution_A,
+        "final_resolution_A": final_res,
+        "gsfsc_unmasked_resolution_A": job.resolution_A,
+        "resolution_by_mask_A": suite.resolution_A,
+        "fsc_mask": suite.auto_mask_name,
+        "fsc_randomize_from_A": suite.randomize_from_A,
+        "fsc_auto_mask_trials": [asdict(t) for t in suite.trials],
+        "bfactor_A2": guinier.bfactor_A2,
+        "guinier_fit": asdict(guinier),
         "n_particles": len(job.particles),
         "n_particles_aligned": int(st.aligned.sum()),
         "box": n, "pixel_size_A": px,
@@ -390,16 +388,23 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     return summary
 
 
-def run(cfg: RefineConfig, par, log) -> dict | None:
-    """The whole refinement; collective over ``par``'s ranks."""
+def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:
+    """The whole refinement; collective over ``par``'s ranks.  With ``resume``, go on
+    from the checkpoint in ``cfg.out_dir`` (``refine --continue``)."""
     wall_start = time.time()
     cfg.check_supported()
     timer = par.timer
-    job = prepare(cfg, par, log)
+    _TERMINATION.install()
+    if resume:
+        job, rule, first = restart.resume(cfg, par, log, open_inputs(cfg, par))
+    else:
+        job, rule, first = prepare(cfg, par, log), Convergence(cfg.extra_final_passes), 1
     log.info(f"refine: {len(job.particles)} particles, box {job.prep.box}, "
              f"{job.prep.pixel_size_A:.3f} Å/px, {par.size} rank(s), {backend_name(job.xp)}; "
-             f"start at {cfg.initial_lowpass_A:.1f} Å")
-    iterate(job, timer)
+             f"start at {job.resolution_A:.1f} Å")
+    finished = rule.converged and rule.remaining <= 0
+    if not finished and first <= cfg.max_iterations:
+        iterate(job, timer, rule, first)
     timings = par.gather_timings()
     summary = finish(job, timer, wall_start, timings)
     if summary is not None:

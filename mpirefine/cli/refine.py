@@ -17,9 +17,15 @@ def add_args(parser):
     from mpirefine.cli.common import add_device_args
 
     p = parser
-    p.add_argument("particles", help="particles with CTF parameters: RELION .star or CryoSPARC .cs")
-    p.add_argument("volume", help="initial volume (.mrc), same box and pixel size as the particles")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("particles", nargs="?",
+                   help="particles with CTF parameters: RELION .star or CryoSPARC .cs")
+    p.add_argument("volume", nargs="?",
+                   help="initial volume (.mrc), same box and pixel size as the particles")
+    p.add_argument("--out", metavar="DIR", help="output folder (required for a new job)")
+    p.add_argument("--continue", dest="continue_dir", metavar="DIR", default=None,
+                   help="resume the job whose --out was DIR from its last complete iteration "
+                        "(checkpoint.h5), on any number of ranks, with its saved parameters; "
+                        "only --gpu/--cpu may be given with it")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--mask", default=None, help="static mask (.mrc) used for alignment instead of "
                    "the dynamic mask; the FSC never uses it")
@@ -100,28 +106,53 @@ def add_args(parser):
 
 def config_from_args(args):
     from mpirefine.config import RefineConfig
+    from mpirefine.errors import InputError
 
+    if args.particles is None or args.volume is None or args.out is None:
+        raise InputError("a new refinement needs PARTICLES, VOLUME and --out DIR "
+                         "(or --continue DIR to resume one)")
     values = {k: v for k, v in vars(args).items() if k in RefineConfig.field_names()}
     values["out_dir"] = args.out
     return RefineConfig(**values)
 
 
+def continued_config(args):
+    """The saved configuration of the job in ``args.continue_dir``; positional inputs
+    and --out are refused (the job's own are used), the device may change."""
+    import os
+    from dataclasses import replace
+
+    from mpirefine.checkpoint import load_config
+    from mpirefine.config import RefineConfig
+    from mpirefine.errors import InputError
+
+    if args.particles or args.volume or args.out:
+        raise InputError("--continue DIR takes the particles, volume and output folder of the "
+                         "job it resumes; give no PARTICLES, VOLUME or --out with it")
+    out = os.path.abspath(args.continue_dir)
+    return replace(RefineConfig(**load_config(out)), out_dir=out, device=args.device)
+
+
 def main(args) -> int:
     import os
+    from dataclasses import replace
 
     from mpirefine import refine
     from mpirefine.outputs import prepare_out_dir
     from mpirefine.parallel import Parallel, get_logger
 
-    cfg = config_from_args(args)
+    resume = args.continue_dir is not None
+    cfg = continued_config(args) if resume else config_from_args(args)
     cfg.check_supported()
     par = Parallel()
     log = get_logger(rank=par.rank)
-    if par.is_root:
+    if par.is_root and not resume:
         prepare_out_dir(cfg.out_dir, cfg.overwrite)
     par.barrier()
-    from dataclasses import replace
-
     cfg = replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
-    refine.run(cfg, par, log)
+    try:
+        refine.run(cfg, par, log, resume=resume)
+    except refine.Preempted as stop:
+        log.warning(str(stop))
+        return 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
     return 0

@@ -1,0 +1,99 @@
+"""What a refinement carries from one iteration to the next, and its stopping rule.
+
+:class:`Job` is the loop's state on one rank (references, noise model, masks,
+resolution, history); :class:`ParticleState` the per-particle results that world
+rank 0 collects; :class:`Convergence` the rule that ends the loop.  All three are
+plain data, so a checkpoint (:mod:`mpirefine.checkpoint`) can hold them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpirefine.config import RefineConfig
+from mpirefine.physics.noise import NoiseModel
+from mpirefine.preprocess import ImagePrep
+
+
+@dataclass
+class ParticleState:
+    """Per-particle results of the latest pass each particle took part in (host)."""
+
+    rotations: np.ndarray         # (N, 3, 3)
+    shifts_px: np.ndarray         # (N, 2) RELION origin in pixels
+    scale: np.ndarray             # (N,)
+    log_likelihood: np.ndarray    # (N,)
+    aligned: np.ndarray           # (N,) bool
+
+    FIELDS = ("rotations", "shifts_px", "scale", "log_likelihood", "aligned")
+
+    @classmethod
+    def empty(cls, n: int, scale) -> "ParticleState":
+        return cls(np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)), np.asarray(scale, float).copy(),
+                   np.full(n, -np.inf), np.zeros(n, bool))
+
+    def update(self, idx, rotations, shifts_px, scale, log_likelihood) -> None:
+        self.rotations[idx] = rotations
+        self.shifts_px[idx] = shifts_px
+        self.scale[idx] = scale
+        self.log_likelihood[idx] = log_likelihood
+        self.aligned[idx] = True
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+@dataclass
+class Job:
+    """What the loop carries from one iteration to the next."""
+
+    cfg: RefineConfig
+    par: object
+    xp: object
+    particles: object
+    split: np.ndarray
+    prep: ImagePrep
+    references: dict                  # half → (n, n, n) reference on this rank (xp)
+    noise: NoiseModel
+    state: ParticleState
+    static_mask: np.ndarray | None
+    resolution_A: float
+    log: object
+    history: list = field(default_factory=list)
+    masks: dict = field(default_factory=dict)
+    fsc: np.ndarray | None = None
+    half_maps: dict | None = None
+    next_references: dict | None = None   # both halves' references, on the root pair
+    greyscale_factor: float = 1.0
+
+    def alignment_resolution_A(self) -> float:
+        """The current resolution, capped by --max-align-resolution when given."""
+        cap = self.cfg.max_align_resolution_A
+        return max(self.resolution_A, cap) if cap else self.resolution_A
+
+
+@dataclass
+class Convergence:
+    """The stopping rule: converged after the first full pass whose GSFSC resolution
+    does not improve on the best so far (by more than 0.1 %), then ``extra_passes``
+    more full passes.  Minibatch iterations never count as converged: the last
+    iterations always see every particle."""
+
+    extra_passes: int
+    best_A: float = math.inf
+    converged: bool = False
+    remaining: int = 0
+
+    def update(self, resolution_A: float, full_pass: bool) -> bool:
+        """Record an iteration; True when the refinement should stop."""
+        improved = resolution_A < self.best_A * (1 - 1e-3)
+        self.best_A = min(self.best_A, resolution_A)
+        if self.converged:
+            self.remaining -= 1
+        elif full_pass and not improved:
+            self.converged = True
+            self.remaining = self.extra_passes
+        return self.converged and self.remaining <= 0
