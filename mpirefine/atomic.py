@@ -1,6 +1,9 @@
-"""Publishing a finished temporary file under its final name in one step."""
+"""Writing files so that readers only ever see a complete one: write a temporary file
+beside the target, then rename it over the target in one step."""
 
+import contextlib
 import os
+import tempfile
 
 
 def publish(tmp: str, path: str) -> None:
@@ -10,3 +13,24 @@ def publish(tmp: str, path: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary file name beside ``path``; when the block ends normally the
+    file is published as ``path``, when it raises the temporary file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -14,7 +14,8 @@ Layout (arrays as datasets, small things as JSON attributes):
 
     /                    attrs: format, version, config (JSON), state (JSON: iteration,
                          resolution, history, convergence rule, greyscale factor)
-    /maps/half_A, half_B        the latest half maps (n³ float32)
+    /maps/half_A, half_B        the latest half maps (n³ float32), unregularised
+    /maps_regularised/...        the same with SSNR regularisation
     /references/half_A, half_B  the next iteration's alignment references
     /masks/half_A, half_B       the dynamic refinement masks, when in use
     /fsc                         the latest FSC between the half maps
@@ -26,12 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpirefine.atomic import publish
+from mpirefine.atomic import atomic_path
 from mpirefine.errors import InputError
 
 FILENAME = "checkpoint.h5"
@@ -51,7 +51,8 @@ class Checkpoint:
     history: list
     convergence: dict              # the stopping rule's fields
     greyscale_factor: float
-    half_maps: dict                # {0: A, 1: B}
+    half_maps: dict                # {0: A, 1: B}, unregularised
+    regularised_maps: dict
     references: dict               # {0: ref A, 1: ref B}
     fsc: np.ndarray
     noise_sigma2: np.ndarray
@@ -69,18 +70,17 @@ def save(out_dir: str, ckpt: Checkpoint) -> str:
     import h5py
 
     path = path_in(out_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_checkpoint_", suffix=".h5", dir=out_dir)
-    os.close(fd)
     state = {"iteration": ckpt.iteration, "resolution_A": ckpt.resolution_A,
              "history": ckpt.history, "convergence": ckpt.convergence,
              "greyscale_factor": ckpt.greyscale_factor}
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["config"] = json.dumps(ckpt.config)
             f.attrs["state"] = json.dumps(state, default=float)
             for group, arrays in (("maps", ckpt.half_maps), ("references", ckpt.references),
+                                  ("maps_regularised", ckpt.regularised_maps),
                                   ("masks", ckpt.masks)):
                 g = f.create_group(group)
                 for half, array in arrays.items():
@@ -91,11 +91,6 @@ def save(out_dir: str, ckpt: Checkpoint) -> str:
             for name in _PARTICLE_FIELDS:
                 g.create_dataset(name, data=np.asarray(ckpt.particles[name]))
             g.create_dataset("split", data=np.asarray(ckpt.split, np.int8))
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -126,7 +121,7 @@ def load(out_dir: str, arrays: bool = True) -> Checkpoint:
                                   resolution_A=float(state["resolution_A"]),
                                   history=state["history"], convergence=state["convergence"],
                                   greyscale_factor=float(state["greyscale_factor"]),
-                                  half_maps={}, references={}, fsc=np.zeros(0),
+                                  half_maps={}, regularised_maps={}, references={}, fsc=np.zeros(0),
                                   noise_sigma2=np.zeros(0), particles={}, split=np.zeros(0))
 
             def halves(group):
@@ -138,7 +133,8 @@ def load(out_dir: str, arrays: bool = True) -> Checkpoint:
                 resolution_A=float(state["resolution_A"]), history=state["history"],
                 convergence=state["convergence"],
                 greyscale_factor=float(state["greyscale_factor"]),
-                half_maps=halves("maps"), references=halves("references"),
+                half_maps=halves("maps"), regularised_maps=halves("maps_regularised"),
+                references=halves("references"),
                 masks=halves("masks"), fsc=np.array(f["fsc"]),
                 noise_sigma2=np.array(f["noise_sigma2"]),
                 particles={name: np.array(f["particles"][name]) for name in _PARTICLE_FIELDS},

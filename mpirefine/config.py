@@ -67,10 +67,16 @@ class RefineConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        def flag(name):
+            # CLI flags drop the unit suffix: max_align_resolution_A -> --max-align-resolution
+            return "--" + (name[:-2] if name.endswith("_A") else name).replace("_", "-")
+
         def positive(name):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
-                raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+                unit = " (Å)" if name.endswith("_A") else ""
+                raise InputError(f"{flag(name)} must be a positive number{unit}, got {v}; "
+                                 f"give a value above 0 or leave {flag(name)} out for its default")
 
         for name in ("initial_lowpass_A", "gsfsc_split_resolution_A", "batchsize_epsilon",
                      "batchsize_snrfactor", "dynamic_mask_start_resolution_A",
@@ -79,17 +85,25 @@ class RefineConfig:
         if not 0 < self.window_inner <= self.window_outer <= 1.0:
             raise InputError(
                 f"window radii must satisfy 0 < --window-inner ({self.window_inner}) <= "
-                f"--window-outer ({self.window_outer}) <= 1 (fractions of half the box)")
+                f"--window-outer ({self.window_outer}) <= 1 (fractions of half the box); "
+                "e.g. --window-inner 0.85 --window-outer 0.99")
         if self.batchsize_epsilon >= 1:
-            raise InputError(f"--batchsize-epsilon is a fraction in (0, 1), got {self.batchsize_epsilon}")
+            raise InputError(f"--batchsize-epsilon is a fraction in (0, 1), got "
+                             f"{self.batchsize_epsilon}; the default is 0.001")
         if not 0 <= self.dynamic_mask_threshold <= 1:
-            raise InputError(f"--dynamic-mask-threshold must lie in [0, 1], got {self.dynamic_mask_threshold}")
+            raise InputError(f"--dynamic-mask-threshold must lie in [0, 1] (a fraction of the "
+                             f"map's maximum), got {self.dynamic_mask_threshold}")
         if self.dynamic_mask_far < self.dynamic_mask_near:
-            raise InputError("--dynamic-mask-far must not be smaller than --dynamic-mask-near")
-        if self.extra_final_passes < 0 or self.max_iterations < 1:
-            raise InputError("--extra-final-passes must be >= 0 and --max-iterations >= 1")
+            raise InputError(f"--dynamic-mask-far ({self.dynamic_mask_far}) must not be smaller "
+                             f"than --dynamic-mask-near ({self.dynamic_mask_near})")
+        if self.extra_final_passes < 0:
+            raise InputError(f"--extra-final-passes must be >= 0, got {self.extra_final_passes}")
+        if self.max_iterations < 1:
+            raise InputError(f"--max-iterations must be >= 1, got {self.max_iterations}")
         if self.image_batch_size < 1:
             raise InputError(f"--image-batch-size must be >= 1, got {self.image_batch_size}")
+        if self.seed < 0:
+            raise InputError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.symmetry_relaxation not in RELAXATION_METHODS:
             raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
         if self.ewald_curvature not in ("negative", "positive"):

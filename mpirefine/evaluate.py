@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from mpirefine.fsc import fsc_curve, resolution_A
 from mpirefine.geometry.rotations import angular_distance_deg
+from mpirefine.geometry.symmetry import point_group
 
 
 def octahedral_group() -> np.ndarray:
-    """The 24 rotations of O with 4-folds on X, Y, Z: signed permutation matrices
-    of determinant +1."""
-    mats = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1, -1), repeat=3):
-            m = np.zeros((3, 3))
-            for row, (col, s) in enumerate(zip(perm, signs)):
-                m[row, col] = s
-            if np.linalg.det(m) > 0:
-                mats.append(m)
-    return np.array(mats)
+    """The 24 rotations of O with 4-folds on X, Y, Z (alias of point_group("O"))."""
+    return point_group("O")
 
 
 def pose_errors_deg(estimated, true, group=None) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.transforms import (
+    centered_irfft3,
     centered_rfft3,
     half_space_multiplicity,
     radius_3d,
@@ -57,3 +58,50 @@ def resolution_A(curve, n: int, pixel_size_A: float, threshold: float = 0.143) -
     """Resolution in Å where the FSC crosses ``threshold``."""
     shell = max(crossing_shell(curve, threshold), 1e-6)
     return n * pixel_size_A / shell
+
+
+# --------------------------------------------------------------- mask correction (Chen et al. 2013)
+
+def randomization_shell(fsc_unmasked, threshold: float = 0.8) -> int:
+    """First shell (>= 1) where the unmasked FSC falls below ``threshold``: phases are
+    randomised from there on (relion_postprocess's --randomize_at_fsc rule, default 0.8).
+    len(curve) when it never does, i.e. nothing is randomised."""
+    curve = np.asarray(fsc_unmasked, float)
+    below = np.nonzero(curve[1:] < threshold)[0]
+    return int(below[0] + 1) if len(below) else len(curve)
+
+
+def randomize_phases_beyond(volume, shell: int, rng) -> np.ndarray:
+    """Copy of an (n, n, n) map whose Fourier phases in shells >= ``shell`` (round(|k|),
+    cycles per box, the shells of :func:`fsc_curve`) are replaced by uniform random
+    phases; amplitudes are kept.  NumPy float64.
+
+    rng: a ``numpy.random.Generator`` (seeded by the caller, so the correction is
+    reproducible).  The irfft keeps the result real where the random phases break the
+    Hermitian symmetry of the kx = 0 plane.
+    """
+    v = np.asarray(to_numpy(volume), np.float64)
+    n = v.shape[0]
+    f = centered_rfft3(v)
+    beyond = np.rint(radius_3d(n, np)) >= shell
+    phases = rng.uniform(0.0, 2.0 * np.pi, size=int(beyond.sum()))
+    f[beyond] = np.abs(f[beyond]) * np.exp(1j * phases)
+    return centered_irfft3(f, n)
+
+
+def corrected_fsc(fsc_masked, fsc_randomized_masked, shell: int, margin_shells: int = 2) -> np.ndarray:
+    """Mask-corrected FSC: FSC_true = (FSC_t - FSC_n) / (1 - FSC_n) from shell
+    ``shell + margin_shells`` on, FSC_t below it.
+
+    FSC_t is the masked FSC of the half maps, FSC_n the masked FSC of the same maps with
+    phases randomised beyond ``shell``.  The margin follows relion_postprocess (two
+    shells), which keeps the correction away from the shells next to the randomisation
+    edge, where the mask mixes randomised and intact shells and over-corrects.
+    """
+    t = np.asarray(fsc_masked, float)
+    n_ = np.asarray(fsc_randomized_masked, float)
+    out = t.copy()
+    start = max(int(shell) + int(margin_shells), 1)
+    denom = np.maximum(1.0 - n_[start:], 1e-6)
+    out[start:] = (t[start:] - n_[start:]) / denom
+    return out

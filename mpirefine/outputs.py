@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from mpirefine.errors import InputError
 from mpirefine.fsc import shell_resolution_A
-from mpirefine.atomic import publish
+from mpirefine.atomic import write_text_atomic
 
 #: files whose presence marks a folder as holding a previous job's results
 RESULT_FILES = ("summary.json", "map.mrc", "map_half_A.mrc", "particles.star", "checkpoint.h5")
@@ -32,19 +31,6 @@ def prepare_out_dir(path: str, overwrite: bool) -> str:
     return path
 
 
-def _atomic_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str, obj) -> None:
     """Atomic JSON (NumPy scalars and arrays converted)."""
 
@@ -55,7 +41,7 @@ def write_json(path: str, obj) -> None:
             return o.tolist()
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-    _atomic_text(path, json.dumps(obj, indent=2, default=convert) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, default=convert) + "\n")
 
 
 def write_fsc_csv(path: str, curves: dict, n: int, pixel_size_A: float) -> None:
@@ -66,7 +52,7 @@ def write_fsc_csv(path: str, curves: dict, n: int, pixel_size_A: float) -> None:
     for s in range(n // 2 + 1):
         vals = ",".join(f"{float(curves[k][s]):.5f}" for k in names)
         lines.append(f"{s},{s / (n * pixel_size_A):.6f},{res[s]:.3f},{vals}")
-    _atomic_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def fsc_table(curve, n: int, pixel_size_A: float) -> str:

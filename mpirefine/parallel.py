@@ -217,11 +217,12 @@ class Parallel:
     """World and half-set communicators of one job, with timed collectives.
 
     ``comm``: an mpi4py communicator, None for COMM_WORLD; construction is collective.
-    ``halves_here``: the halves this rank serves, (0, 1) with one rank, else (rank % 2,).
-    ``bytes_communicated``: payload bytes of this rank's array collectives (the array
-    size per call; both directions for exchange_roots). ``comm_seconds``: wall seconds
-    in MPI calls, host staging included. ``timer``: collectives add to its
-    "communication" category, barriers to "idle".
+    ``halves_here``: the halves this rank serves: (rank % 2,), except (0, 1) with one
+    rank and for the last rank of an odd-sized job, which serves both halves (see
+    :meth:`shard`).  ``bytes_communicated``: payload bytes of this rank's array
+    collectives (the array size per call; both directions for exchange_roots).
+    ``comm_seconds``: wall seconds in MPI calls, host staging included. ``timer``:
+    collectives add to its "communication" category, barriers to "idle".
     """
 
     def __init__(self, comm=None):
@@ -232,13 +233,24 @@ class Parallel:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.is_root = self.rank == 0
+        # With an odd number of ranks the last one (even, so in half A) also joins half
+        # B: each group then has (size + 1) / 2 ranks and the work can be dealt so that
+        # every rank, and so both groups, finish together.
+        self.shared_rank = self.size - 1 if self.size % 2 == 1 and self.size > 1 else None
+        self._members = {h: [r for r in range(self.size)
+                             if r % 2 == h or r == self.shared_rank or self.size == 1]
+                         for h in (0, 1)}
         if self.size == 1:
             self.halves_here = (0, 1)
-            self._group = self.comm  # a size-1 communicator serves as both groups
+            self._groups = {0: self.comm, 1: self.comm}  # a size-1 communicator serves both
         else:
-            self.halves_here = (self.rank % 2,)
-            # key=rank keeps world rank 0 (1) as rank 0 of half A's (B's) group.
-            self._group = self.comm.Split(color=self.rank % 2, key=self.rank)
+            self.halves_here = tuple(h for h in (0, 1) if self.rank in self._members[h])
+            self._groups = {}
+            for half in (0, 1):  # Split is collective over all ranks; key=rank keeps the roots
+                color = 0 if self.rank in self._members[half] else MPI.UNDEFINED
+                group = self.comm.Split(color=color, key=self.rank)
+                if group != MPI.COMM_NULL:
+                    self._groups[half] = group
         self._node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.bytes_communicated = 0
         self.comm_seconds = 0.0
@@ -250,12 +262,12 @@ class Parallel:
         _check_half(half)
         if half not in self.halves_here:
             raise ValueError(f"rank {self.rank} serves half {self.halves_here[0]}, not {half}")
-        return self._group
+        return self._groups[half]
 
     def half_size(self, half: int) -> int:
         """Number of ranks in ``half``'s group (known on every rank)."""
         _check_half(half)
-        return 1 if self.size == 1 else (self.size - half + 1) // 2
+        return len(self._members[half])
 
     def half_root_world_rank(self, half: int) -> int:
         _check_half(half)
@@ -265,20 +277,19 @@ class Parallel:
         return half in self.halves_here and self.rank == self.half_root_world_rank(half)
 
     def shard(self, n_items: int, half: int) -> slice:
-        """This rank's contiguous, balanced share of [0, n_items) within ``half``'s group."""
+        """This rank's contiguous share of [0, n_items) within ``half``'s group.
+
+        Shares differ by at most one item, except that the shared rank of an odd-sized
+        job takes half a share in each of its two halves, so that it does as much work
+        as every other rank: with 3 ranks, ranks 0 and 1 take 2/3 of their half each
+        and rank 2 the last third of both."""
         group = self.half_comm(half)
-        return shard_bounds(n_items, group.Get_rank(), group.Get_size())
-
-    def split_fraction_for_half_A(self) -> float:
-        """Half A's share of the ranks: size_A / size (0.5 with one rank).
-
-        With an odd number of ranks the groups differ in size (3 ranks: A = {0, 2},
-        B = {1}), so with equal halves group B finishes last and group A idles. A
-        refinement that deals a minibatch in this proportion lets both groups finish
-        together; the gold-standard A/B assignment of particles itself stays a seeded
-        function of the particle (design.md §1), never of the rank layout.
-        """
-        return 0.5 if self.size == 1 else self.half_size(0) / self.size
+        index, count = group.Get_rank(), group.Get_size()
+        if self.shared_rank is None:
+            return shard_bounds(n_items, index, count)
+        weights = [2] * (count - 1) + [1]  # the shared rank is last in both groups
+        edges = [round(n_items * sum(weights[:i]) / sum(weights)) for i in range(count + 1)]
+        return slice(edges[index], edges[index + 1])
 
     def local_rank(self) -> int:
         """Rank among the ranks sharing this node (picks the GPU)."""

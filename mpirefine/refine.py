@@ -37,7 +37,7 @@ from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sums
 from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
 from mpirefine.references import next_references
-from mpirefine.search_plan import plan_search, run_search
+from mpirefine.search_plan import lattice_offsets, plan_search, run_search
 from mpirefine import restart
 from mpirefine.state import Convergence, Job, ParticleState
 
@@ -165,7 +165,8 @@ def batch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.ndarra
     return choose_batch(n_total, size, job.cfg.seed, iteration)
 
 
-def align_and_backproject(job: Job, batch: np.ndarray, timer) -> tuple[dict, np.ndarray, np.ndarray]:
+def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
+                          timer) -> tuple[dict, np.ndarray, np.ndarray]:
     """Search every particle of this rank's share of the batch against its half's
     reference and insert it; returns (accumulators, noise power sums, counts)."""
     par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
@@ -187,11 +188,12 @@ def align_and_backproject(job: Job, batch: np.ndarray, timer) -> tuple[dict, np.
             elif half in job.masks:
                 ref = ref * xp.asarray(job.masks[half])
             vft = volume_ft(ref, pad=PAD)
+            lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
             for idx, images in source.chunks(mine, cfg.image_batch_size):
                 f = prepare_images(images, job.prep, xp)
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
                 with timer("search"):
-                    res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan)
+                    res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice)
                 scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
                 with timer("backprojection"):
                     if plan.marginalize:
@@ -220,11 +222,14 @@ def collect_particle_results(job: Job, results: list) -> None:
                 job.state.update(*item)
 
 
-def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
-    """On the root pair: new resolution, masks and next references; then broadcast."""
+def update_references(job: Job, halves) -> None:
+    """On the root pair (``halves``: a HalfMaps there, None elsewhere): new resolution,
+    masks and next references from the regularised half maps; then broadcast.  The
+    unregularised pair is kept as the job's half maps (outputs, final FSC suite)."""
     par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
     info = None
-    if maps is not None:
+    if halves is not None:
+        maps, fsc = halves.regularised, halves.fsc
         res = resolution_A(fsc, n, px)
         masks = {}
         if cfg.dynamic_mask and cfg.mask is None and res <= cfg.dynamic_mask_start_resolution_A:
@@ -232,7 +237,8 @@ def update_references(job: Job, maps: dict, fsc: np.ndarray) -> None:
                                      cfg.dynamic_mask_near, cfg.dynamic_mask_far,
                                      cfg.dynamic_mask_absolute) for h in (0, 1)}
         refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px)
-        job.half_maps, job.fsc, job.masks, job.next_references = maps, fsc, masks, refs
+        job.half_maps, job.regularised_maps = halves.unregularised, halves.regularised
+        job.fsc, job.masks, job.next_references = fsc, masks, refs
         info = (res, bool(masks))
         mine = {h: refs[h] for h in par.halves_here if par.is_half_root(h)}
     info = par.bcast_obj(info, root=0)
@@ -262,12 +268,11 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         t0 = time.time()
         batch = batch_for_iteration(job, iteration, force_full=rule.converged)
         full = len(batch) == len(job.particles)
-        accs, power, counts = align_and_backproject(job, batch, timer)
+        accs, power, counts = align_and_backproject(job, batch, iteration, timer)
         job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
                                     constant=False)
         with timer("reconstruction"):
-            maps, fsc = reconstruct_half_maps(par, accs, job.prep.box)
-            update_references(job, maps, fsc)
+            update_references(job, reconstruct_half_maps(par, accs, job.prep.box))
         res = job.resolution_A
         seconds = time.time() - t0
         job.history.append({"iteration": iteration, "batch_size": int(len(batch)),
@@ -332,6 +337,7 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     from mpirefine.io import write_mrc, write_particles
     from mpirefine.outputs import write_fsc_csv, write_json
     from mpirefine.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
+    from mpirefine.report import write_report
     from mpirefine.validation import fsc_suite
 
     if not job.par.is_root:
@@ -344,7 +350,9 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     suite = fsc_suite(maps[0], maps[1], px, resolution_A_hint=job.resolution_A,
                       window_inner=cfg.window_inner, window_outer=cfg.window_outer, seed=cfg.seed)
     final_fsc, final_res = suite.final_curve, suite.final_resolution_A
-    filtered = fsc_weighted_average(maps, final_fsc, crossing_shell(final_fsc))
+    # the map itself from the regularised halves (the better estimate of each half);
+    # the FSC above from the unregularised ones (see halfmaps.HalfMaps)
+    filtered = fsc_weighted_average(job.regularised_maps, final_fsc, crossing_shell(final_fsc))
     write_mrc(os.path.join(out, "map.mrc"), filtered, px)
     sharp, guinier = sharpen_filtered_map(filtered, final_res, px)
     if guinier.n_shells < MIN_FIT_SHELLS:
@@ -380,11 +388,14 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
         "backend": backend_name(job.xp),
         "wall_seconds": time.time() - wall_start,
         "greyscale_factor": job.greyscale_factor,
+        "noise_sigma2": job.noise.sigma2,
         "iterations": job.history,
         "timings_per_rank": timings,
         "config": cfg.to_dict(),
     }
     write_json(os.path.join(out, "summary.json"), summary)
+    report = write_report(out)
+    job.log.info(f"report: {report}")
     return summary
 
 

@@ -24,7 +24,8 @@ def save(job: Job, iteration: int, rule: Convergence) -> str:
     ckpt = checkpoint.Checkpoint(
         config=job.cfg.to_dict(), iteration=iteration, resolution_A=job.resolution_A,
         history=job.history, convergence=asdict(rule), greyscale_factor=job.greyscale_factor,
-        half_maps=job.half_maps, references=job.next_references, fsc=job.fsc,
+        half_maps=job.half_maps, regularised_maps=job.regularised_maps,
+        references=job.next_references, fsc=job.fsc,
         noise_sigma2=job.noise.sigma2, particles=job.state.as_dict(), split=job.split,
         masks=job.masks)
     return checkpoint.save(job.cfg.out_dir, ckpt)
@@ -71,7 +72,8 @@ def resume(cfg, par, log, inputs) -> tuple[Job, Convergence, int]:
               history=list(small["history"]), masks=masks,
               greyscale_factor=small["greyscale_factor"])
     if ckpt is not None:
-        job.half_maps, job.fsc, job.next_references = ckpt.half_maps, ckpt.fsc, ckpt.references
+        job.half_maps, job.regularised_maps = ckpt.half_maps, ckpt.regularised_maps
+        job.fsc, job.next_references = ckpt.fsc, ckpt.references
         job.masks = dict(ckpt.masks) if ckpt.masks else masks
         if par.is_root:
             job.state = ParticleState(**ckpt.particles)

@@ -172,7 +172,8 @@ class _Poses:
 
 
 def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
-                 params: SearchParams = SearchParams(), shift_center_px=None) -> SearchResult:
+                 params: SearchParams = SearchParams(), shift_center_px=None,
+                 grid_rotation=None, shift_offset_px=None) -> SearchResult:
     """Find each particle's rotation and shift by coarse-to-fine likelihood search.
 
     vft: the reference (:func:`~mpirefine.fourier.project.volume_ft`), device of the search.
@@ -182,6 +183,11 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     scale: (B,) positive per-particle scale a (default 1).
     shift_center_px: optional (B, 2) centre of each particle's shift grid (e.g. the
     previous origin); default 0.
+    grid_rotation: optional (3, 3) rotation Q; every grid pose A becomes A·Q, which
+    turns the whole coarse-to-fine hierarchy.  shift_offset_px: optional (2,) offset of
+    the shift lattice.  A refinement draws both at random per half set and iteration,
+    so the two halves' poses are not rounded to the same lattice: rounding errors that
+    both halves shared would correlate their maps beyond the true resolution.
     """
     t_start = time.perf_counter()
     xp = array_namespace(vft.data)
@@ -202,7 +208,11 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     n_freq = [count_within(radius, r) for r in radii]
     weights = noise_weights(noise_var_shell, n, index)
     grid = grids.so3_grid(params.coarse_step_deg)
+    if grid_rotation is not None:
+        grid = grid @ np.asarray(grid_rotation, float)
     shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
+    if shift_offset_px is not None:
+        shifts0 = shifts0 + np.asarray(shift_offset_px, float)
     tables0 = _project(vft, grid, kx[: n_freq[0]], ky[: n_freq[0]], stats)
     chunk = _chunk_size(params, n_freq[-1])
     n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)

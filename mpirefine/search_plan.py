@@ -81,6 +81,21 @@ class SearchOutcome:
         return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
 
 
-def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan) -> SearchOutcome:
-    result = search_poses(vft, images_ft, ctf, noise.sigma2, np.asarray(scale, float), plan.params)
+def lattice_offsets(seed: int, iteration: int, half: int, shift_step_px: float):
+    """The random (3, 3) grid rotation and (2,) shift-lattice offset of one half set in
+    one iteration (see :func:`mpirefine.search.search_poses`): a function of the seed,
+    the iteration and the half only, never of the rank layout."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng([seed, iteration, half, 11])
+    rotation = Rotation.random(random_state=rng).as_matrix()
+    offset = rng.uniform(-0.5, 0.5, 2) * shift_step_px
+    return rotation, offset
+
+
+def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None) -> SearchOutcome:
+    """``lattice``: (grid rotation, shift offset) from :func:`lattice_offsets`, or None."""
+    rotation, offset = lattice if lattice is not None else (None, None)
+    result = search_poses(vft, images_ft, ctf, noise.sigma2, np.asarray(scale, float), plan.params,
+                          grid_rotation=rotation, shift_offset_px=offset)
     return SearchOutcome(result, noise.sigma2)

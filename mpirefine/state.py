@@ -65,7 +65,8 @@ class Job:
     history: list = field(default_factory=list)
     masks: dict = field(default_factory=dict)
     fsc: np.ndarray | None = None
-    half_maps: dict | None = None
+    half_maps: dict | None = None          # unregularised pair, on the root pair
+    regularised_maps: dict | None = None   # the same with SSNR regularisation
     next_references: dict | None = None   # both halves' references, on the root pair
     greyscale_factor: float = 1.0
 

@@ -2,7 +2,7 @@
 
 Serial tests check the one-rank behaviour and, through mpiexec subprocesses, that a
 failing rank ends the whole job and that the MPI tests below also pass on 3 ranks
-(unequal half groups, a real reduction inside half A's group). The
+(the last rank serves both halves, real reductions inside both groups). The
 ``@pytest.mark.mpi`` tests run under ``mpiexec -n 2 python -m pytest --with-mpi``.
 """
 
@@ -55,7 +55,6 @@ def test_single_rank_serves_both_halves():
         assert par.half_size(half) == 1
         assert par.half_comm(half).Get_size() == 1
         assert par.shard(37, half) == slice(0, 37)
-    assert par.split_fraction_for_half_A() == 0.5
     assert (par.local_rank(), par.local_size()) == (0, 1)
 
 
@@ -188,33 +187,34 @@ LAYOUT_3 = textwrap.dedent("""
     from mpirefine.parallel import Parallel
 
     par = Parallel()
-    (half,) = par.halves_here
-    partial = np.full(3, par.rank + 1.0)
-    par.reduce_half(partial, half)
-    record = dict(rank=par.rank, half=half, group=par.half_comm(half).Get_size(),
-                  root=par.is_half_root(half), shard=[par.shard(10, half).start,
-                  par.shard(10, half).stop], reduced=partial.tolist(),
-                  fraction=par.split_fraction_for_half_A())
-    records = par.gather_obj(record)
+    records = []
+    for half in par.halves_here:
+        partial = np.full(3, par.rank + 1.0)
+        par.reduce_half(partial, half)
+        piece = par.shard(12, half)
+        records.append(dict(rank=par.rank, half=half, group=par.half_comm(half).Get_size(),
+                            root=par.is_half_root(half), shard=[piece.start, piece.stop],
+                            reduced=partial.tolist()))
+    records = sum(par.gather_obj(records) or [], [])
     if par.is_root:
         print(json.dumps(records))
 """)
 
 
-def test_three_ranks_have_unequal_half_groups():
+def test_three_ranks_share_the_last_rank_between_the_halves():
     result = subprocess.run(
         [mpiexec_or_skip(), "-n", "3", sys.executable, "-c", LAYOUT_3],
         capture_output=True, text=True, timeout=60, env=clean_env(), cwd=REPO)
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [r["half"] for r in records] == [0, 1, 0]
-    assert [r["group"] for r in records] == [2, 1, 2]
-    assert [r["root"] for r in records] == [True, True, False]
-    # half A = ranks {0, 2} splits [0, 10) in two; half B's single rank takes it all
-    assert [r["shard"] for r in records] == [[0, 5], [0, 10], [5, 10]]
+    assert [(r["rank"], r["half"]) for r in records] == [(0, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r["group"] == 2 for r in records)
+    assert [r["root"] for r in records] == [True, True, False, False]
+    # every rank does a third of the work: 8 of half A's 12 items for rank 0, 8 of
+    # half B's for rank 1, and the last 4 of each half for rank 2
+    assert [r["shard"] for r in records] == [[0, 8], [0, 8], [8, 12], [8, 12]]
     assert records[0]["reduced"] == [4.0] * 3  # (0 + 1) + (2 + 1) on half A's root
-    assert records[1]["reduced"] == [2.0] * 3  # half B alone: unchanged
-    assert all(r["fraction"] == pytest.approx(2 / 3) for r in records)
+    assert records[1]["reduced"] == [5.0] * 3  # (1 + 1) + (2 + 1) on half B's root
 
 
 @pytest.mark.slow
@@ -232,15 +232,18 @@ def test_mpi_tests_also_pass_on_three_ranks():
 @pytest.mark.mpi(min_size=2)
 def test_half_groups_and_roots():
     par = Parallel()
-    (half,) = par.halves_here
-    assert half == par.rank % 2
-    assert par.half_comm(half).Get_size() == par.half_size(half) == len(range(half, par.size, 2))
-    assert par.half_size(0) + par.half_size(1) == par.size
+    shared = par.size - 1 if par.size % 2 else None
+    assert par.halves_here == ((0, 1) if par.rank == shared else (par.rank % 2,))
+    for half in (0, 1):
+        members = [r for r in range(par.size) if r % 2 == half or r == shared]
+        assert par.half_size(half) == len(members)
+        if half in par.halves_here:
+            assert par.half_comm(half).Get_size() == len(members)
+        else:
+            with pytest.raises(ValueError, match="serves half"):
+                par.half_comm(half)
+        assert par.is_half_root(half) == (par.rank == half)
     assert [par.half_root_world_rank(h) for h in (0, 1)] == [0, 1]
-    assert par.is_half_root(half) == (par.rank < 2)
-    assert not par.is_half_root(1 - half)
-    with pytest.raises(ValueError, match="serves half"):
-        par.half_comm(1 - half)
     local = par.allgather_obj((MPI.Get_processor_name(), par.local_rank(), par.local_size()))
     for node in {name for name, _, _ in local}:
         ranks_here = sorted(r for name, r, _ in local if name == node)
@@ -251,24 +254,30 @@ def test_half_groups_and_roots():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.int64])
 def test_reduce_half_sums_over_the_group(xp, dtype):
     par = Parallel()
-    (half,) = par.halves_here
-    array = xp.full((3, 4), par.rank + 1, dtype=dtype)
-    assert par.reduce_half(array, half) is array
-    expected = sum(r + 1 for r in range(half, par.size, 2))
-    if par.is_half_root(half):
-        assert (xp.asarray(array) == expected).all()
-    total = xp.full(5, par.rank + 1, dtype=dtype)
-    par.allreduce_half(total, half)
-    assert (total == expected).all()
+    for half in par.halves_here:
+        array = xp.full((3, 4), par.rank + 1, dtype=dtype)
+        assert par.reduce_half(array, half) is array
+        members = [r for r in range(par.size) if half in _halves_of(r, par.size)]
+        expected = sum(r + 1 for r in members)
+        if par.is_half_root(half):
+            assert (xp.asarray(array) == expected).all()
+        total = xp.full(5, par.rank + 1, dtype=dtype)
+        par.allreduce_half(total, half)
+        assert (total == expected).all()
+
+
+def _halves_of(rank, size):
+    """The halves a rank serves: its parity, and both for the last of an odd count."""
+    return (0, 1) if size % 2 and rank == size - 1 else (rank % 2,)
 
 
 @pytest.mark.mpi(min_size=2)
 def test_bcast_half_copies_the_root_array(xp):
     par = Parallel()
-    (half,) = par.halves_here
-    array = xp.full((2, 3), 10.0 * (half + 1) if par.is_half_root(half) else -1.0)
-    par.bcast_half(array, half)
-    assert (array == 10.0 * (half + 1)).all()
+    for half in par.halves_here:
+        array = xp.full((2, 3), 10.0 * (half + 1) if par.is_half_root(half) else -1.0)
+        par.bcast_half(array, half)
+        assert (array == 10.0 * (half + 1)).all()
 
 
 @pytest.mark.mpi(min_size=2)
@@ -291,15 +300,15 @@ def test_exchange_roots_swaps_the_half_maps(xp):
 @pytest.mark.parametrize("n_items", [0, 1, 2, 7, 101])
 def test_shards_cover_each_half_exactly_once(n_items):
     par = Parallel()
-    (half,) = par.halves_here
-    piece = par.shard(n_items, half)
-    pieces = par.allgather_obj((half, piece.start, piece.stop))
+    mine = [(half, par.shard(n_items, half)) for half in par.halves_here]
+    pieces = sum(par.allgather_obj([(h, p.start, p.stop) for h, p in mine]), [])
     for h in (0, 1):
         covered = np.concatenate(
             [np.arange(start, stop) for hh, start, stop in pieces if hh == h] + [[]])
         np.testing.assert_array_equal(np.sort(covered), np.arange(n_items))
-    fraction = par.split_fraction_for_half_A()
-    assert fraction == pytest.approx(((par.size + 1) // 2) / par.size)
+    # every rank gets about the same total work (the shared rank half of each half)
+    work = par.allgather_obj(sum(p.stop - p.start for _, p in mine))
+    assert max(work) - min(work) <= 2
 
 
 @pytest.mark.mpi(min_size=2)

@@ -121,7 +121,7 @@ def test_refinement_outputs_and_progress(refined):
 
     out, stdout = refined
     for name in ["map.mrc", "map_half_A.mrc", "map_half_B.mrc", "particles.star", "particles.cs",
-                 "fsc.csv", "summary.json"]:
+                 "fsc.csv", "summary.json", "map_sharp.mrc", "mask_fsc.mrc", "mask_fsc_auto.mrc"]:
         assert os.path.exists(os.path.join(out, name)), name
     summary = json.load(open(os.path.join(out, "summary.json")))
     for key in ["final_resolution_A", "wall_seconds", "n_particles", "n_ranks", "backend", "iterations"]:

@@ -69,14 +69,16 @@ def main(args) -> int:
                                  noise_weight, ps.rotations[idx], ps.shifts_A[idx] / px,
                                  ps.scale[idx])
             accs[half] = acc
-    maps, fsc = reconstruct_half_maps(par, accs, n)
+    halves = reconstruct_half_maps(par, accs, n)
     full = full_unregularised_map(par, accs, n)
     if not par.is_root:
         return 0
+    maps, fsc = halves.unregularised, halves.fsc
     res = resolution_A(fsc, n, px)
     write_mrc(os.path.join(out, "map_half_A.mrc"), maps[0], px)
     write_mrc(os.path.join(out, "map_half_B.mrc"), maps[1], px)
-    write_mrc(os.path.join(out, "map.mrc"), fsc_weighted_average(maps, fsc, crossing_shell(fsc)), px)
+    write_mrc(os.path.join(out, "map.mrc"),
+              fsc_weighted_average(halves.regularised, fsc, crossing_shell(fsc)), px)
     write_mrc(os.path.join(out, "map_unfil.mrc"), to_numpy(full), px)
     write_fsc_csv(os.path.join(out, "fsc.csv"), {"fsc_halves": fsc}, n, px)
     write_json(os.path.join(out, "summary.json"), {

@@ -43,7 +43,8 @@ def reconstruct(data, weight, n: int, pad: int, ssnr=None, complete: bool = True
     length ≥ n // 2 + 1; None means nearly unregularised.
     complete: fold the kx = 0 plane first (set False if already done).
     mask_corners: replace the box corners (beyond a sphere of half the box, soft
-    edge) by their mean, as RELION does, to suppress aliased noise there.
+    edge) by their mean, as relion_reconstruct does, to suppress aliased noise there.
+    Not for gold-standard half maps (see halfmaps.reconstruct_half_maps).
     """
     xp = array_namespace(data)
     size = pad * n

@@ -17,8 +17,8 @@ import numpy as np
 
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import matrix_to_rotvec, rotvec_to_matrix
-from mpirefine.io.mrc import stack_info
-from mpirefine.io.particles import ParticleSet, group_rows, portable_name, resolve_path
+from mpirefine.io.particles import (ParticleSet, group_rows, header_pixel_size_A, portable_name,
+                                    resolve_path)
 from mpirefine.physics.ctf import CTFParams
 from mpirefine.atomic import publish
 
@@ -54,8 +54,14 @@ def _blob_paths(table: np.ndarray) -> np.ndarray:
     return np.char.lstrip(np.char.strip(text), ">")
 
 
-def read_cs(path: str | os.PathLike, project_dir: str | None = None) -> ParticleSet:
-    """Read a CryoSPARC particle .cs file into a :class:`ParticleSet` (box 0 if no blob/shape)."""
+def read_cs(path: str | os.PathLike, project_dir: str | None = None,
+            require_stacks: bool = True) -> ParticleSet:
+    """Read a CryoSPARC particle .cs file into a :class:`ParticleSet` (box 0 if no blob/shape).
+
+    A stack that cannot be found is an InputError, unless ``require_stacks`` is False:
+    then it is kept under the path it would have in the project folder (or next to the
+    .cs file when no project folder is given).
+    """
     path = os.path.abspath(os.fspath(path))
     try:
         table = np.load(path, allow_pickle=False)
@@ -87,6 +93,9 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None) -> Particle
     code_to_sid = np.empty(len(uniques), dtype=np.int64)
     for k, name in enumerate(uniques):
         resolved = resolve_path(str(name), folders)
+        if resolved is None and not require_stacks:
+            base = project_dir if project_dir is not None else os.path.dirname(path)
+            resolved = os.path.normpath(os.path.join(os.path.abspath(base), str(name)))
         if resolved is None:
             tried = [os.path.abspath(f) for f in folders if f is not None]
             raise InputError(f"{path}: particle stack {name!r} not found; looked in "
@@ -101,7 +110,7 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None) -> Particle
     if psize_field is not None:
         psizes = table[psize_field].astype(np.float64)
     else:
-        psizes = np.array([stack_info(stack_paths[0]).pixel_size_A])
+        psizes = np.array([header_pixel_size_A(stack_paths)])
     if np.ptp(psizes) > 1e-4 * psizes.max():
         raise InputError(f"{path}: mixed pixel sizes ({psizes.min():g} to {psizes.max():g} Å) "
                          "are not supported yet; downsample all particles to one pixel size")

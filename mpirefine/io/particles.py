@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mpirefine.errors import InputError
-from mpirefine.io.mrc import MrcStack, stack_info
+from mpirefine.io.mrc import MrcStack, StackInfo, stack_info
 from mpirefine.physics.ctf import CTFParams
 
 # A stack header pixel size may differ from the metadata by rounding, not by more.
@@ -131,7 +131,8 @@ def check_numeric_finite(table: pd.DataFrame, what: str) -> None:
                              f"values (first at row {row + 1}); fix or remove those rows")
 
 
-def _check_duplicates(ps: ParticleSet) -> None:
+def check_duplicates(ps: ParticleSet) -> None:
+    """InputError when two rows point to the same image of the same stack."""
     key = ps.stack_id * (int(ps.stack_index.max()) + 1) + ps.stack_index
     _, first, counts = np.unique(key, return_index=True, return_counts=True)
     if np.all(counts == 1):
@@ -146,56 +147,88 @@ def _check_duplicates(ps: ParticleSet) -> None:
                      "particles before refining (they would bias the half-set FSC)")
 
 
+def stack_usage(ps: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
+    """(rows per stack, largest 0-based image index per stack or -1), both (n_stacks,)."""
+    counts = np.bincount(ps.stack_id, minlength=len(ps.stack_paths))
+    max_index = np.full(len(ps.stack_paths), -1, dtype=np.int64)
+    np.maximum.at(max_index, ps.stack_id, ps.stack_index)
+    return counts, max_index
+
+
+def check_stack(ps: ParticleSet, sid: int, box: int, max_index: int) -> StackInfo:
+    """Check stack ``sid``'s header against the metadata and return it.
+
+    box: the metadata's box in px (0: take the stack's); max_index: the largest 0-based
+    image index the particles ask of this stack.
+    """
+    path = ps.stack_paths[sid]
+    info = stack_info(path)
+    box = box or info.nx
+    if info.nx != box or info.ny != box:
+        raise InputError(f"stack {path} holds {info.ny}x{info.nx} images but "
+                         f"{ps.source_path} says the box is {box} px; re-extract the "
+                         "particles or fix rlnImageSize / blob/shape")
+    if max_index >= info.n:
+        raise InputError(f"{ps.source_path} asks for image {max_index + 1} of stack "
+                         f"{path}, which holds only {info.n} images; the stack is "
+                         "incomplete or the particle file points to the wrong stack")
+    if info.pixel_size_A > 0 and ps.pixel_size_A > 0 and (
+            abs(info.pixel_size_A - ps.pixel_size_A) > PIXEL_SIZE_TOLERANCE * ps.pixel_size_A):
+        raise InputError(f"pixel size {ps.pixel_size_A:g} Å in {ps.source_path} differs from "
+                         f"{info.pixel_size_A:g} Å in the header of {path}; fix the metadata "
+                         "or the stack header (e.g. relion_image_handler --angpix)")
+    return info
+
+
 def check_stacks(ps: ParticleSet) -> int:
     """Check every stack's header against the metadata; return the box (px).
 
     A box of 0 in ``ps`` means the metadata gave none: the first stack's image size is used.
     """
     box = int(ps.box)
-    counts = np.bincount(ps.stack_id, minlength=len(ps.stack_paths))
-    max_index = np.full(len(ps.stack_paths), -1, dtype=np.int64)
-    np.maximum.at(max_index, ps.stack_id, ps.stack_index)
-    for sid, path in enumerate(ps.stack_paths):
-        if counts[sid] == 0:
-            continue
-        info = stack_info(path)
-        if box == 0:
-            box = info.nx
-        if info.nx != box or info.ny != box:
-            raise InputError(f"stack {path} holds {info.ny}x{info.nx} images but "
-                             f"{ps.source_path} says the box is {box} px; re-extract the "
-                             "particles or fix rlnImageSize / blob/shape")
-        if max_index[sid] >= info.n:
-            raise InputError(f"{ps.source_path} asks for image {max_index[sid] + 1} of stack "
-                             f"{path}, which holds only {info.n} images; the stack is "
-                             "incomplete or the particle file points to the wrong stack")
-        if info.pixel_size_A > 0 and ps.pixel_size_A > 0 and (
-                abs(info.pixel_size_A - ps.pixel_size_A) > PIXEL_SIZE_TOLERANCE * ps.pixel_size_A):
-            raise InputError(f"pixel size {ps.pixel_size_A:g} Å in {ps.source_path} differs from "
-                             f"{info.pixel_size_A:g} Å in the header of {path}; fix the metadata "
-                             "or the stack header (e.g. relion_image_handler --angpix)")
+    counts, max_index = stack_usage(ps)
+    for sid in range(len(ps.stack_paths)):
+        if counts[sid]:
+            info = check_stack(ps, sid, box, int(max_index[sid]))
+            box = box or info.nx
     return box
 
 
-def read_particles(path: str | os.PathLike, project_dir: str | None = None) -> ParticleSet:
-    """Read a RELION ``.star`` or CryoSPARC ``.cs`` particle file and check it against its stacks."""
+def header_pixel_size_A(stack_paths: Sequence[str]) -> float:
+    """Pixel size (Å) in the header of the first stack that exists; 0.0 when none does."""
+    for path in stack_paths:
+        if os.path.isfile(path):
+            return stack_info(path).pixel_size_A
+    return 0.0
+
+
+def read_particles(path: str | os.PathLike, project_dir: str | None = None,
+                   require_stacks: bool = True) -> ParticleSet:
+    """Read a RELION ``.star`` or CryoSPARC ``.cs`` particle file and check it against its stacks.
+
+    With ``require_stacks=False`` (for diagnostics such as ``mpirefine info``) stacks
+    that cannot be found are kept under the path they would have next to the particle
+    file, and neither duplicates nor stack headers are checked: call
+    :func:`check_duplicates` and :func:`check_stacks` to collect those problems.
+    """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext in (".star", ".cs") and not os.path.isfile(path):
         raise InputError(f"particle file {path!r} does not exist; check the path")
     if ext == ".star":
         from mpirefine.io.star import read_star
-        ps = read_star(path, project_dir=project_dir)
+        ps = read_star(path, project_dir=project_dir, require_stacks=require_stacks)
     elif ext == ".cs":
         from mpirefine.io.cs import read_cs
-        ps = read_cs(path, project_dir=project_dir)
+        ps = read_cs(path, project_dir=project_dir, require_stacks=require_stacks)
     else:
         raise InputError(f"particle file {path!r} has extension {ext or '(none)'!r}; give a "
                          "RELION .star or a CryoSPARC .cs file")
     if len(ps) == 0:
         raise InputError(f"particle file {path!r} holds no particles")
-    _check_duplicates(ps)
-    ps.box = check_stacks(ps)
+    if require_stacks:
+        check_duplicates(ps)
+        ps.box = check_stacks(ps)
     return ps
 
 

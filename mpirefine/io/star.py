@@ -22,9 +22,8 @@ import starfile
 
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
-from mpirefine.io.mrc import stack_info
 from mpirefine.io.particles import (ParticleSet, check_numeric_finite, group_rows,
-                                    portable_name, resolve_path)
+                                    header_pixel_size_A, portable_name, resolve_path)
 from mpirefine.physics.ctf import CTFParams
 from mpirefine.atomic import publish
 
@@ -115,8 +114,13 @@ def split_image_names(names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return paths, numbers
 
 
-def read_star(path: str | os.PathLike, project_dir: str | None = None) -> ParticleSet:
-    """Read a RELION particle STAR file into a :class:`ParticleSet` (box 0 if the file has none)."""
+def read_star(path: str | os.PathLike, project_dir: str | None = None,
+              require_stacks: bool = True) -> ParticleSet:
+    """Read a RELION particle STAR file into a :class:`ParticleSet` (box 0 if the file has none).
+
+    A stack that cannot be found is an InputError, unless ``require_stacks`` is False:
+    then it is kept under the path it would have next to the STAR file.
+    """
     path = os.path.abspath(os.fspath(path))
     optics, particles = _load(path)
     legacy = optics is None
@@ -144,6 +148,8 @@ def read_star(path: str | os.PathLike, project_dir: str | None = None) -> Partic
     code_to_sid = np.empty(len(uniques), dtype=np.int64)
     for k, raw in enumerate(uniques):
         resolved = resolve_path(raw, folders)
+        if resolved is None and not require_stacks:
+            resolved = os.path.normpath(os.path.join(folders[0], raw))
         if resolved is None:
             tried = [os.path.abspath(f) for f in folders if f is not None]
             raise InputError(f"{path}: stack {raw!r} not found; looked in {', '.join(tried)}. "
@@ -158,7 +164,7 @@ def read_star(path: str | os.PathLike, project_dir: str | None = None) -> Partic
         pixel = (cols.get("rlnDetectorPixelSize").astype(float) * 1e4
                  / cols.get("rlnMagnification").astype(float))
     if pixel is None:
-        pixel = np.array([stack_info(stack_paths[0]).pixel_size_A])
+        pixel = np.array([header_pixel_size_A(stack_paths)])
     pixel_size = _uniform(pixel, "pixel sizes", path)
     if pixel_size <= 0:
         raise InputError(f"{path} gives no pixel size (rlnImagePixelSize) and the stack header "

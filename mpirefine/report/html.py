@@ -1,0 +1,319 @@
+"""report.html: one self-contained page describing a refinement's output folder.
+
+The page embeds its figures as base64 PNG data URIs and carries its own CSS, so it
+reads offline, mailed or copied anywhere.  It shows the resolution, the figures of
+:mod:`mpirefine.report.plots`, the iterations, the time each rank spent on each task
+and every parameter (those changed from their defaults in bold).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import logging
+import os
+
+import numpy as np
+
+from mpirefine.atomic import write_text_atomic
+
+log = logging.getLogger("mpirefine")
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;
+       color: #222; background: #f6f7f9; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+h1 { font-size: 1.5em; margin: 0 0 4px; } h2 { font-size: 1.15em; margin-top: 2em;
+     border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+.sub { color: #666; margin: 0 0 16px; font-size: 0.9em; word-break: break-all; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { border: 1px solid #dde; border-radius: 6px; padding: 10px 14px; min-width: 130px;
+        background: #fafbff; }
+.card .v { font-size: 1.35em; font-weight: 600; } .card .k { color: #666; font-size: 0.8em; }
+.figs { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 16px; }
+figure { margin: 0; border: 1px solid #eee; border-radius: 6px; padding: 8px; }
+figure img { width: 100%; height: auto; }
+figcaption { font-size: 0.85em; color: #555; margin-top: 4px; }
+table { border-collapse: collapse; font-size: 0.88em; margin: 6px 0; }
+th, td { border-bottom: 1px solid #eee; padding: 3px 10px; text-align: right; }
+th { background: #f3f4f7; } td.l, th.l { text-align: left; }
+.params { columns: 2 360px; font-size: 0.88em; }
+.params div { break-inside: avoid; padding: 1px 0; } .params .changed { font-weight: 600; }
+.note { color: #8a6d3b; background: #fcf8e3; padding: 6px 10px; border-radius: 4px; }
+footer { color: #888; font-size: 0.8em; margin-top: 32px; }
+"""
+
+# name → (title, caption); the order of the figures on the page
+FIGURES = {
+    "fsc": ("Fourier shell correlation", "Half-map FSC per mask; dotted lines mark where "
+            "each curve crosses 0.143 (the gold-standard resolution)."),
+    "guinier": ("Guinier plot", "ln of the mean |F|² per shell of map.mrc against 1/d²; the "
+                "line has the slope of the fitted B-factor over the shaded range."),
+    "iterations": ("Resolution per iteration", "GSFSC resolution after each iteration; "
+                   "below, the minibatch size and the iteration's wall time."),
+    "viewing_directions": ("Viewing directions", "Where the beam points in the map's frame, "
+                           "per particle; empty regions are views the data lack."),
+    "scale": ("Per-particle scale", "Distribution of the per-particle scale factors."),
+    "noise_model": ("Noise model", "Final noise variance σ² per frequency shell."),
+}
+# name → what the figure is drawn from (said when it is missing)
+SOURCES = {"fsc": "fsc.csv", "guinier": "map.mrc", "iterations": "iterations in summary.json",
+           "viewing_directions": "angles in particles.star or particles.cs",
+           "scale": "scales in particles.star or particles.cs",
+           "noise_model": "noise_sigma2 in summary.json"}
+
+
+def _load_summary(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_poses(out_dir: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rotations (N, 3, 3) RELION matrices or None, scales (N,) or None) from the
+    output's particles.star, else particles.cs; the stacks need not be present."""
+    star, cs = os.path.join(out_dir, "particles.star"), os.path.join(out_dir, "particles.cs")
+    if os.path.isfile(star):
+        import starfile
+
+        from mpirefine.geometry.rotations import euler_to_matrix
+
+        blocks = starfile.read(star, always_dict=True)
+        table = blocks.get("particles", next(iter(blocks.values())))
+        angles = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+        rotations = (euler_to_matrix(*(table[a].to_numpy(float) for a in angles))
+                     if all(a in table.columns for a in angles) else None)
+        scale = (table["rlnCtfScalefactor"].to_numpy(float)
+                 if "rlnCtfScalefactor" in table.columns else None)
+        return rotations, scale
+    if os.path.isfile(cs):
+        from mpirefine.geometry.rotations import rotvec_to_matrix
+
+        table = np.load(cs, allow_pickle=False)
+        names = table.dtype.names or ()
+        rotations = (rotvec_to_matrix(table["alignments3D/pose"].astype(float))
+                     if "alignments3D/pose" in names else None)
+        scale = table["alignments3D/alpha"].astype(float) if "alignments3D/alpha" in names else None
+        return rotations, scale
+    return None, None
+
+
+def final_resolution_A(summary: dict, out_dir: str) -> float | None:
+    """The run's GSFSC resolution: from summary.json, else from fsc.csv's first curve."""
+    for key in ("final_resolution_A", "resolution_A_0143", "resolution_A"):
+        if isinstance(summary.get(key), (int, float)):
+            return float(summary[key])
+    path = os.path.join(out_dir, "fsc.csv")
+    if os.path.isfile(path):
+        from mpirefine.report.plots import crossing_frequency, read_fsc_csv
+
+        freq, curves = read_fsc_csv(path)
+        if curves:
+            return 1.0 / crossing_frequency(freq, next(iter(curves.values())))
+    return None
+
+
+def guinier_fit(summary: dict) -> dict | None:
+    """summary.json's Guinier fit (``guinier_fit``), else its bare ``bfactor_A2``, else None."""
+    fit = summary.get("guinier_fit")
+    if isinstance(fit, dict) and "bfactor_A2" in fit:
+        return fit
+    if isinstance(summary.get("bfactor_A2"), (int, float)):
+        return {"bfactor_A2": summary["bfactor_A2"]}
+    return None
+
+
+def make_plots(out_dir: str, summary: dict) -> tuple[dict, dict]:
+    """Draw every figure the folder has data for into out_dir/plots/.
+
+    Returns ({name: png path}, {name: why it is missing}).  A figure that fails is
+    reported, never fatal: the report is written at the very end of a long job.
+    """
+    from mpirefine.report import plots
+
+    plots_dir = os.path.join(out_dir, "plots")
+    resolution = final_resolution_A(summary, out_dir)
+    poses = {}
+
+    def rotations_and_scale():
+        if not poses:
+            poses["r"], poses["s"] = read_poses(out_dir)
+        return poses["r"], poses["s"]
+
+    makers = {
+        "fsc": lambda: plots.plot_fsc(os.path.join(out_dir, "fsc.csv"), plots_dir),
+        "guinier": lambda: plots.plot_guinier(os.path.join(out_dir, "map.mrc"), plots_dir,
+                                              resolution, guinier_fit(summary)),
+        "iterations": lambda: plots.plot_iterations(summary.get("iterations") or [], plots_dir),
+        "viewing_directions": lambda: plots.plot_viewing_directions(rotations_and_scale()[0],
+                                                                    plots_dir),
+        "scale": lambda: plots.plot_scale_histogram(rotations_and_scale()[1], plots_dir),
+        "noise_model": lambda: plots.plot_noise_model(summary.get("noise_sigma2"),
+                                                      summary.get("box"),
+                                                      summary.get("pixel_size_A"), plots_dir),
+    }
+    made, missing = {}, {}
+    for name, make in makers.items():
+        try:
+            path = make()
+        except Exception as exc:  # noqa: BLE001 — one bad figure must not lose the report
+            log.warning(f"report: the {name} figure failed: {type(exc).__name__}: {exc}")
+            missing[name] = f"could not be drawn ({type(exc).__name__}: {exc})"
+            continue
+        if path is None:
+            missing[name] = f"needs {SOURCES[name]}"
+        else:
+            made[name] = path
+    return made, missing
+
+
+def _png_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _num(value, digits: int = 2) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list], left: int = 1) -> str:
+    def cell(tag, k, v):
+        return f"<{tag}{' class=l' if k < left else ''}>{v}</{tag}>"
+
+    head = "".join(cell("th", k, html.escape(h)) for k, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", k, v) for k, v in enumerate(r)) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cards(summary: dict, resolution) -> str:
+    cards = [("GSFSC resolution (0.143)", f"{resolution:.2f} Å" if resolution else "–"),
+             ("particles", _num(summary.get("n_particles", "–"))),
+             ("box", f"{summary['box']} px" if "box" in summary else "–"),
+             ("pixel size", f"{summary['pixel_size_A']:.3f} Å" if "pixel_size_A" in summary else "–"),
+             ("iterations", str(len(summary.get("iterations") or [])) or "–"),
+             ("ranks · backend", f"{summary.get('n_ranks', '–')} · {summary.get('backend', '–')}"),
+             ("wall time", _duration(summary.get("wall_seconds")))]
+    if isinstance(summary.get("bfactor_A2"), (int, float)):
+        cards.insert(1, ("B-factor", f"{summary['bfactor_A2']:.0f} Å²"))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">'
+        f'{html.escape(k)}</div></div>' for k, v in cards) + "</div>"
+
+
+def _fsc_table(out_dir: str) -> str:
+    """Each fsc.csv curve's resolution at 0.143 and 0.5 (empty without fsc.csv)."""
+    from mpirefine.report.plots import crossing_frequency, read_fsc_csv
+
+    path = os.path.join(out_dir, "fsc.csv")
+    if not os.path.isfile(path):
+        return ""
+    freq, curves = read_fsc_csv(path)
+    rows = [[html.escape(name.replace("_", " ")),
+             *(f"{1 / crossing_frequency(freq, c, t):.2f}" for t in (0.143, 0.5))]
+            for name, c in curves.items()]
+    return _table(["FSC curve (fsc.csv)", "at 0.143 (Å)", "at 0.5 (Å)"], rows)
+
+
+def _iterations_table(iterations: list) -> str:
+    rows = [[_num(r.get("iteration", k + 1)), _num(r.get("batch_size", "–")),
+             "yes" if r.get("full_pass") else "no", _num(r.get("resolution_A", "–")),
+             _num(r.get("alignment_resolution_A", "–")), _num(r.get("seconds", "–"), 1)]
+            for k, r in enumerate(iterations)]
+    return _table(["iteration", "batch", "all particles", "GSFSC (Å)", "alignment (Å)",
+                   "seconds"], rows, left=0)
+
+
+def _timings_table(timings: list) -> str:
+    categories = []
+    for t in timings:
+        categories += [c for c in (t.get("seconds") or {}) if c not in categories]
+    rows = []
+    for t in timings:
+        secs = t.get("seconds") or {}
+        rows.append([_num(t.get("rank", "–"))] + [_num(secs.get(c, "–"), 1) for c in categories]
+                    + [_num(round(t.get("bytes_communicated", 0) / 2 ** 20, 1), 1)])
+    return _table(["rank"] + [f"{c} (s)" for c in categories] + ["sent (MiB)"], rows)
+
+
+def _parameters(config: dict) -> str:
+    from dataclasses import MISSING, fields
+
+    from mpirefine.config import RefineConfig
+
+    defaults = {f.name: f.default for f in fields(RefineConfig) if f.default is not MISSING}
+    items = []
+    for key, value in config.items():
+        changed = key in defaults and value != defaults[key]
+        items.append(f'<div class="{"changed" if changed else ""}">{html.escape(key)} = '
+                     f'{html.escape(repr(value))}</div>')
+    return ('<p class="sub">Bold: changed from the default.</p><div class="params">'
+            + "".join(items) + "</div>")
+
+
+def build_html(out_dir: str, summary: dict, made: dict, missing: dict) -> str:
+    """The page as a string (figures embedded)."""
+    from mpirefine import __version__
+    from mpirefine.report.memory import human_bytes
+
+    resolution = final_resolution_A(summary, out_dir)
+    title = f"mpirefine {summary.get('command', 'refine')} — {os.path.basename(out_dir)}"
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="sub">{html.escape(os.path.abspath(out_dir))}</p>',
+             _cards(summary, resolution), _fsc_table(out_dir), "<h2>Figures</h2>",
+             '<div class="figs">']
+    for name, (fig_title, caption) in FIGURES.items():
+        if name in made:
+            parts.append(f'<figure id="{name}"><img alt="{html.escape(fig_title)}" '
+                         f'src="{_png_uri(made[name])}"><figcaption><b>{html.escape(fig_title)}'
+                         f"</b>. {html.escape(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    if missing:
+        parts.append('<p class="note">Not shown: ' + "; ".join(
+            f"{html.escape(FIGURES[k][0])} ({html.escape(v)})" for k, v in missing.items())
+            + ".</p>")
+    if summary.get("iterations"):
+        parts += ["<h2>Iterations</h2>", _iterations_table(summary["iterations"])]
+    if summary.get("timings_per_rank"):
+        parts += ["<h2>Time per rank</h2>", _timings_table(summary["timings_per_rank"])]
+    if summary.get("config"):
+        parts += ["<h2>Parameters</h2>", _parameters(summary["config"])]
+    files = sorted(f for f in os.listdir(out_dir)
+                   if os.path.isfile(os.path.join(out_dir, f)) and not f.startswith("."))
+    parts += ["<h2>Files</h2>", _table(["file", "size"], [
+        [f'<a href="{html.escape(f)}">{html.escape(f)}</a>',
+         human_bytes(os.path.getsize(os.path.join(out_dir, f)))] for f in files])]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts.append(f"<footer>Written by mpirefine {__version__} on {stamp}; regenerate with "
+                 f"<code>mpirefine report {html.escape(out_dir)}</code>.</footer>")
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
+            f"<body><main>{''.join(parts)}</main></body></html>\n")
+
+
+def write_report(out_dir: str) -> str:
+    """Draw the figures into out_dir/plots/ and write out_dir/report.html; returns its path."""
+    out_dir = os.path.abspath(out_dir)
+    summary = _load_summary(out_dir)
+    made, missing = make_plots(out_dir, summary)
+    page = build_html(out_dir, summary, made, missing)
+    path = os.path.join(out_dir, "report.html")
+    write_text_atomic(path, page)
+    return path

@@ -1,0 +1,254 @@
+"""The report's figures, drawn from the files a refinement writes (PNG, Agg backend).
+
+Each ``plot_*`` function reads what it needs, writes ``<plots_dir>/<name>.png`` and
+returns its path, or returns None when its input is absent (an older run, a
+``reconstruct`` folder).  Frequencies are in 1/Å, resolutions in Å.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+FSC_THRESHOLD = 0.143
+DPI = 110
+WIDE = (7.5, 4.2)
+
+
+def _save(fig, plots_dir: str, name: str) -> str:
+    os.makedirs(plots_dir, exist_ok=True)
+    path = os.path.join(plots_dir, f"{name}.png")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+RESOLUTION_TICKS_A = (100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.8, 1.6, 1.5,
+                      1.4, 1.3, 1.2, 1.1, 1.0)
+
+
+def _resolution_axis(ax, power: int = 1) -> None:
+    """A top axis labelled in Å over a bottom axis in 1/Å (power 1) or 1/Å² (power 2);
+    call after the x limits are final."""
+    lo, hi = ax.get_xlim()
+    ticks = [r for r in RESOLUTION_TICKS_A if lo < r ** -power <= hi]
+    # keep the labels apart: drop a tick closer than 6 % of the axis to the one kept before
+    kept = []
+    for r in ticks:
+        if not kept or (r ** -power - kept[-1] ** -power) > 0.06 * (hi - lo):
+            kept.append(r)
+    top = ax.twiny()
+    top.set_xlim(lo, hi)
+    top.set_xticks([r ** -power for r in kept], [f"{r:g}" for r in kept])
+    top.set_xlabel("resolution (Å)")
+
+
+def read_fsc_csv(path: str) -> tuple[np.ndarray, dict]:
+    """fsc.csv → (frequency_per_A (S,), {curve name: values (S,)}), curves in file order."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().strip().split(",")
+    table = np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=1))
+    return table[:, 1], {name: table[:, k] for k, name in enumerate(header) if k >= 3}
+
+
+def crossing_frequency(freq: np.ndarray, curve: np.ndarray, threshold: float = FSC_THRESHOLD):
+    """Frequency (1/Å) where ``curve`` first falls below ``threshold`` (linear
+    interpolation); the last frequency when it never does."""
+    for s in range(1, len(curve)):
+        if curve[s] < threshold:
+            c0, c1 = curve[s - 1], curve[s]
+            t = (c0 - threshold) / (c0 - c1) if c0 != c1 else 1.0
+            return float(freq[s - 1] + t * (freq[s] - freq[s - 1]))
+    return float(freq[-1])
+
+
+def plot_fsc(fsc_csv: str, plots_dir: str) -> str | None:
+    """Every FSC curve of fsc.csv, the 0.143 line and each curve's crossing marked."""
+    if not os.path.isfile(fsc_csv):
+        return None
+    freq, curves = read_fsc_csv(fsc_csv)
+    fig, ax = plt.subplots(figsize=WIDE)
+    for name, curve in curves.items():
+        f = crossing_frequency(freq, curve)
+        line, = ax.plot(freq, curve, lw=1.6, label=f"{name.replace('_', ' ')}: {1 / f:.2f} Å")
+        ax.axvline(f, color=line.get_color(), ls=":", lw=1)
+    ax.axhline(FSC_THRESHOLD, color="0.3", ls="--", lw=1)
+    ax.text(freq[-1], FSC_THRESHOLD + 0.02, "0.143", ha="right", va="bottom", color="0.3")
+    ax.set(xlabel="spatial frequency (1/Å)", ylabel="FSC", ylim=(-0.1, 1.05),
+           xlim=(0, freq[-1]))
+    ax.grid(alpha=0.3)
+    _resolution_axis(ax)
+    ax.legend(loc="lower left", fontsize=9)
+    return _save(fig, plots_dir, "fsc")
+
+
+def shell_power(volume: np.ndarray) -> np.ndarray:
+    """Mean |F|² per Fourier shell 0 .. n // 2 of an (n, n, n) map (shell = radius in
+    cycles per box, rounded)."""
+    n = volume.shape[0]
+    power = np.abs(np.fft.rfftn(volume.astype(np.float64))) ** 2
+    k = np.fft.fftfreq(n) * n
+    kx = np.fft.rfftfreq(n) * n
+    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    shell = np.rint(radius).astype(np.int64).ravel()
+    keep = shell <= n // 2
+    sums = np.bincount(shell[keep], weights=power.ravel()[keep], minlength=n // 2 + 1)
+    counts = np.bincount(shell[keep], minlength=n // 2 + 1)
+    return sums / np.maximum(counts, 1)
+
+
+#: a Guinier fit through fewer shells is not drawn (as sharpen.MIN_FIT_SHELLS)
+MIN_FIT_SHELLS = 3
+
+
+def plot_guinier(map_path: str, plots_dir: str, resolution_A: float | None = None,
+                 fit: dict | None = None) -> str | None:
+    """ln(shell-mean |F|²) of map.mrc against 1/d² (Å⁻²), with the B-factor's line.
+
+    fit: summary.json's ``guinier_fit`` (bfactor_A2, low_resolution_A,
+    high_resolution_A, n_shells) or just {"bfactor_A2": B}.  B is the blurring
+    B-factor, F ∝ exp(-B / 4d²), so the line's slope is -B/2; its offset is fitted to
+    the points in the fit range (10 Å, or 1.5 × the resolution when that is coarser,
+    to the resolution, unless ``fit`` gives the range).
+    """
+    from mpirefine.io import read_volume
+
+    if not os.path.isfile(map_path):
+        return None
+    volume, px = read_volume(map_path)
+    n = volume.shape[0]
+    px = px or 1.0
+    power = shell_power(volume)
+    s2 = (np.arange(n // 2 + 1) / (n * px)) ** 2
+    # map.mrc is filtered to zero beyond its resolution: leave those shells out
+    good = (np.arange(n // 2 + 1) > 0) & (power > 1e-10 * power.max())
+    fig, ax = plt.subplots(figsize=WIDE)
+    ax.plot(s2[good], np.log(power[good]), ".-", ms=3, lw=1, label="map.mrc")
+    fit = dict(fit or {})
+    hi = float(fit.get("high_resolution_A") or resolution_A or 2 * px)
+    lo = float(fit.get("low_resolution_A") or max(10.0, 1.5 * hi))
+    bfactor = fit.get("bfactor_A2")
+    in_range = good & (s2 >= 1 / lo ** 2) & (s2 <= 1 / hi ** 2)
+    if isinstance(bfactor, (int, float)) and np.isfinite(bfactor):
+        if fit.get("n_shells", MIN_FIT_SHELLS) < MIN_FIT_SHELLS or not in_range.any():
+            ax.plot([], [], " ", label=f"no Guinier fit: too few shells in {lo:.1f}–{hi:.1f} Å")
+        else:
+            slope = -abs(float(bfactor)) / 2.0
+            offset = float(np.mean(np.log(power[in_range]) - slope * s2[in_range]))
+            x = np.array([1 / lo ** 2, 1 / hi ** 2])
+            ax.plot(x, offset + slope * x, "r-", lw=1.6,
+                    label=f"B = {abs(float(bfactor)):.0f} Å² (fit {lo:.1f}–{hi:.1f} Å)")
+    ax.axvspan(1 / lo ** 2, 1 / hi ** 2, color="0.9", zorder=0)
+    ax.set(xlabel="1/d² (1/Å²)", ylabel="ln ⟨|F|²⟩ per shell",
+           xlim=(0, 1.05 * max(s2[good].max(initial=0.0), 1 / hi ** 2)))
+    if not good.any():
+        ax.text(0.5, 0.5, "map.mrc has no signal beyond the origin", transform=ax.transAxes,
+                ha="center")
+    ax.grid(alpha=0.3)
+    _resolution_axis(ax, power=2)
+    ax.legend(fontsize=9)
+    return _save(fig, plots_dir, "guinier")
+
+
+def plot_iterations(iterations: list, plots_dir: str) -> str | None:
+    """GSFSC resolution per iteration above, batch size (bars) and seconds below."""
+    if not iterations:
+        return None
+    it = np.array([r.get("iteration", k + 1) for k, r in enumerate(iterations)])
+    res = np.array([r.get("resolution_A", np.nan) for r in iterations], float)
+    batch = np.array([r.get("batch_size", 0) for r in iterations], float)
+    secs = np.array([r.get("seconds", np.nan) for r in iterations], float)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.2), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    top.plot(it, res, "o-", lw=1.6)
+    for x, y in zip(it, res):
+        top.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                     ha="center", fontsize=8)
+    top.set(ylabel="GSFSC resolution (Å)")
+    top.margins(y=0.2)                       # room for the labels
+    top.invert_yaxis()                       # better resolution is up
+    top.grid(alpha=0.3)
+    bottom.bar(it, batch, color="#9ecae1", label="batch size")
+    bottom.set(xlabel="iteration", ylabel="particles in batch")
+    twin = bottom.twinx()
+    twin.plot(it, secs, "s-", color="#d95f02", ms=4, label="seconds")
+    twin.set_ylabel("seconds", color="#d95f02")
+    bottom.set_xticks(it)
+    return _save(fig, plots_dir, "iterations")
+
+
+def viewing_directions(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Azimuth and elevation (degrees) of each particle's viewing direction.
+
+    rotations: (N, 3, 3) RELION matrices A; the beam runs along Aᵀ·ẑ in the map's
+    frame, i.e. the third row of A.
+    """
+    d = np.asarray(rotations)[:, 2, :]
+    azimuth = np.degrees(np.arctan2(d[:, 1], d[:, 0]))
+    elevation = np.degrees(np.arcsin(np.clip(d[:, 2], -1.0, 1.0)))
+    return azimuth, elevation
+
+
+def plot_viewing_directions(rotations: np.ndarray | None, plots_dir: str) -> str | None:
+    """2-D histogram of the viewing directions (azimuth × elevation)."""
+    if rotations is None or len(rotations) == 0:
+        return None
+    az, el = viewing_directions(rotations)
+    # equal-area bins (uniform in sin(elevation)), about 10 particles per bin on average
+    n_el = int(np.clip(np.sqrt(len(az) / 20), 6, 36))
+    bins = (np.linspace(-180, 180, 2 * n_el + 1), np.linspace(-1, 1, n_el + 1))
+    fig, ax = plt.subplots(figsize=WIDE)
+    counts, _, _, image = ax.hist2d(az, np.sin(np.radians(el)), bins=bins, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="particles per bin (equal areas)")
+    el_ticks = np.array([-90, -45, -20, 0, 20, 45, 90])   # evenly spread in sin(elevation)
+    ax.set_yticks(np.sin(np.radians(el_ticks)), [f"{t}" for t in el_ticks])
+    ax.set(xlabel="azimuth (°)", ylabel="elevation (°)", xticks=np.arange(-180, 181, 60))
+    ax.set_title(f"{len(az):,} particles; bins hold {int(counts.min())} to {int(counts.max())}",
+                 fontsize=9)
+    return _save(fig, plots_dir, "viewing_directions")
+
+
+def plot_scale_histogram(scale: np.ndarray | None, plots_dir: str) -> str | None:
+    """Histogram of the per-particle scale factors."""
+    if scale is None or len(scale) == 0:
+        return None
+    scale = np.asarray(scale, float)
+    fig, ax = plt.subplots(figsize=WIDE)
+    lo, hi = float(scale.min()), float(scale.max())
+    if hi - lo < 1e-6:
+        ax.bar([lo], [len(scale)], width=0.02 * max(abs(lo), 1e-3))
+        ax.set_xlim(lo - 0.3 * max(abs(lo), 1e-3), lo + 0.3 * max(abs(lo), 1e-3))
+        ax.set_title(f"all {len(scale):,} scales equal {lo:.3g} (scales not fitted)", fontsize=9)
+    else:
+        ax.hist(scale, bins=60, color="#6a51a3")
+        ax.axvline(np.median(scale), color="k", ls="--", lw=1,
+                   label=f"median {np.median(scale):.3f}")
+        ax.legend(fontsize=9)
+    ax.set(xlabel="per-particle scale", ylabel="particles")
+    return _save(fig, plots_dir, "scale")
+
+
+def plot_noise_model(sigma2, box: int | None, pixel_size_A: float | None,
+                     plots_dir: str) -> str | None:
+    """σ² per shell of the final noise model (log scale), against frequency when the
+    box and pixel size are known, else against the shell index."""
+    if sigma2 is None or len(sigma2) == 0:
+        return None
+    sigma2 = np.asarray(sigma2, float)
+    shells = np.arange(len(sigma2))
+    fig, ax = plt.subplots(figsize=WIDE)
+    known = bool(box and pixel_size_A)
+    x = shells / (box * pixel_size_A) if known else shells
+    ax.semilogy(x[sigma2 > 0], sigma2[sigma2 > 0], ".-", ms=3)
+    ax.set(ylabel="noise σ² per shell", xlim=(0, x[-1]),
+           xlabel="spatial frequency (1/Å)" if known else "shell (Fourier pixels)")
+    ax.grid(alpha=0.3, which="both")
+    if known:
+        _resolution_axis(ax)
+    return _save(fig, plots_dir, "noise_model")

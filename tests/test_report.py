@@ -1,0 +1,163 @@
+"""The report: every figure drawn from a refinement's files, a self-contained page
+that embeds them, graceful gaps, and the conventions behind the figures."""
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mpirefine.config import RefineConfig
+from mpirefine.fsc import resolution_A
+from mpirefine.geometry.rotations import euler_to_matrix
+from mpirefine.io import write_mrc, write_relion_star
+from mpirefine.outputs import write_fsc_csv
+from mpirefine.report import write_report
+from mpirefine.report.plots import crossing_frequency, read_fsc_csv, shell_power, viewing_directions
+from test_hostile_input import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BOX, PIXEL_A, N = 24, 2.0, 300
+ALL_FIGURES = ("fsc", "guinier", "iterations", "viewing_directions", "scale", "noise_model")
+
+
+def fsc_like(n, cutoff_shell):
+    s = np.arange(n // 2 + 1)
+    return 1.0 / (1.0 + np.exp((s - cutoff_shell) / 1.2))
+
+
+def fake_output(folder: Path, optional=True) -> Path:
+    """A refinement's output folder in miniature (no stacks: the report needs none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    z, y, x = np.mgrid[:BOX, :BOX, :BOX] - BOX / 2
+    write_mrc(folder / "map.mrc", np.exp(-(x * x + y * y + z * z) / 10.0).astype(np.float32),
+              PIXEL_A)
+    write_fsc_csv(folder / "fsc.csv", {"fsc_no_mask": fsc_like(BOX, 5), "fsc_loose": fsc_like(BOX, 6),
+                                      "fsc_tight": fsc_like(BOX, 7), "fsc_corrected": fsc_like(BOX, 6.5)},
+                  BOX, PIXEL_A)
+    rng = np.random.default_rng(0)
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@Extract/gone.mrcs" for i in range(N)],
+        "rlnAngleRot": rng.uniform(-180, 180, N), "rlnAngleTilt": np.degrees(np.arccos(rng.uniform(-1, 1, N))),
+        "rlnAnglePsi": rng.uniform(-180, 180, N), "rlnCtfScalefactor": rng.normal(1, 0.1, N)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [PIXEL_A], "rlnImageSize": [BOX]})
+    write_relion_star(folder / "particles.star", optics, particles)
+    summary = {
+        "command": "refine", "final_resolution_A": 9.6, "n_particles": N, "box": BOX,
+        "pixel_size_A": PIXEL_A, "n_ranks": 2, "backend": "numpy", "wall_seconds": 4000.0,
+        "iterations": [{"iteration": k, "batch_size": b, "full_pass": b == N, "resolution_A": r,
+                        "seconds": 2.0 * k, "alignment_resolution_A": r}
+                       for k, b, r in ((1, 120, 14.0), (2, 200, 11.0), (3, N, 9.8), (4, N, 9.6))],
+        "timings_per_rank": [{"rank": r, "seconds": {"search": 5.0, "idle": 0.1},
+                              "bytes_communicated": 2 ** 21} for r in (0, 1)],
+        "config": RefineConfig(particles="p.star", volume="v.mrc", out_dir=str(folder),
+                               max_iterations=4).to_dict(),
+    }
+    if optional:
+        summary["bfactor_A2"] = 120.0
+        summary["guinier_fit"] = {"bfactor_A2": 120.0, "slope_A2": -60.0, "intercept": 5.0,
+                                  "correlation": -0.99, "n_shells": 4, "low_resolution_A": 10.0,
+                                  "high_resolution_A": 6.7}
+        summary["noise_sigma2"] = list(np.linspace(2.0, 1.0, BOX // 2 + 1))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_every_figure_is_drawn_and_embedded(tmp_path):
+    out = fake_output(tmp_path / "run")
+    path = write_report(str(out))
+    assert path == str(out / "report.html")
+    page = Path(path).read_text(encoding="utf-8")
+    for name in ALL_FIGURES:
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        assert uri in page, name
+    assert "Not shown" not in page
+    # self-contained: no scripts, stylesheets or images fetched from anywhere
+    assert not re.search(r"<script|<link|src=\"(?!data:)|url\(", page)
+    for text in ("9.60 Å", "120 Å²", "1 h 06 min", "max_iterations = 4", "fsc loose"):
+        assert text in page or text.replace(" ", "_") in page, text
+    assert '<div class="changed">max_iterations = 4</div>' in page
+
+
+def test_missing_optional_inputs_are_named_not_fatal(tmp_path):
+    out = fake_output(tmp_path / "run", optional=False)
+    (out / "particles.star").unlink()
+    page = Path(write_report(str(out))).read_text(encoding="utf-8")
+    for name in ("fsc", "guinier", "iterations"):
+        assert (out / "plots" / f"{name}.png").exists()
+    for name in ("viewing_directions", "scale", "noise_model"):
+        assert not (out / "plots" / f"{name}.png").exists()
+    assert "Not shown" in page and "noise_sigma2 in summary.json" in page
+    assert "angles in particles.star or particles.cs" in page
+    assert "B-factor" not in page.split("<h2>")[0]        # no B-factor card without the key
+
+
+@pytest.mark.parametrize("fit", [{"bfactor_A2": 80.0},
+                                 {"bfactor_A2": 0.0, "n_shells": 1, "low_resolution_A": 10.0,
+                                  "high_resolution_A": 9.6}])
+def test_guinier_figure_with_a_bare_or_a_failed_fit(tmp_path, fit):
+    out = fake_output(tmp_path / "run", optional=False)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["bfactor_A2"] = fit["bfactor_A2"]
+    if "n_shells" in fit:
+        summary["guinier_fit"] = fit
+    (out / "summary.json").write_text(json.dumps(summary))
+    page = Path(write_report(str(out))).read_text(encoding="utf-8")
+    assert (out / "plots" / "guinier.png").exists() and "could not be drawn" not in page
+
+
+def test_fsc_columns_and_crossings_agree_with_fsc_module(tmp_path):
+    out = fake_output(tmp_path / "run")
+    freq, curves = read_fsc_csv(str(out / "fsc.csv"))
+    assert list(curves) == ["fsc_no_mask", "fsc_loose", "fsc_tight", "fsc_corrected"]
+    for curve in curves.values():
+        expected = resolution_A(curve, BOX, PIXEL_A)
+        assert 1 / crossing_frequency(freq, curve) == pytest.approx(expected, rel=1e-3)
+
+
+def test_guinier_slope_is_minus_half_the_bfactor():
+    # a map whose amplitudes fall as exp(-B / 4d²): ln<|F|²> falls with slope -B/2 in 1/d²
+    n, px, bfactor = 64, 1.0, 200.0
+    k = np.fft.fftfreq(n) / px
+    kx = np.fft.rfftfreq(n) / px
+    s2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    phases = np.exp(2j * np.pi * np.random.default_rng(1).random(s2.shape))
+    volume = np.fft.irfftn(np.exp(-bfactor * s2 / 4) * phases, s=(n, n, n), axes=(0, 1, 2))
+    power = shell_power(volume)
+    shells = np.arange(n // 2 + 1)
+    fit = (shells >= 6) & (shells <= 20)
+    slope = np.polyfit((shells[fit] / (n * px)) ** 2, np.log(power[fit]), 1)[0]
+    assert slope == pytest.approx(-bfactor / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("rot, tilt", [(0.0, 0.0), (30.0, 90.0), (-120.0, 45.0), (75.0, 150.0)])
+def test_viewing_direction_follows_relion(rot, tilt):
+    # RELION's Euler_angles2direction: (cos rot sin tilt, sin rot sin tilt, cos tilt)
+    az, el = viewing_directions(euler_to_matrix(np.array([rot]), np.array([tilt]), np.array([17.0])))
+    assert el[0] == pytest.approx(90.0 - tilt, abs=1e-9)
+    if 0 < tilt < 180:
+        assert az[0] == pytest.approx(rot, abs=1e-9)
+
+
+def test_report_command_on_a_real_reconstruction(tmp_path):
+    data = make_dataset(tmp_path, poses=True)
+    run = [sys.executable, "-m", "mpirefine"]
+    result = subprocess.run(run + ["reconstruct", str(data / "p.star"), "--out", str(data / "rec"),
+                                   "--cpu"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run(run + ["report", str(data / "rec")], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "report.html" in result.stdout
+    page = (data / "rec" / "report.html").read_text(encoding="utf-8")
+    assert "mpirefine reconstruct" in page and 'id="fsc"' in page and 'id="guinier"' in page
+    bad = subprocess.run(run + ["report", str(data / "nothere")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nothere" in bad.stderr
