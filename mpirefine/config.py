@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from mpirefine.errors import InputError, NotSupportedError
+from mpirefine.geometry.symmetry import canonical_name
 
 RELAXATION_METHODS = ("none", "maximization", "marginalization")
 
@@ -104,6 +105,10 @@ class RefineConfig:
             raise InputError(f"--image-batch-size must be >= 1, got {self.image_batch_size}")
         if self.seed < 0:
             raise InputError(f"--seed must be a non-negative integer, got {self.seed}")
+        try:
+            canonical_name(self.symmetry)
+        except ValueError as exc:
+            raise InputError(f"--symmetry {self.symmetry}: {exc}") from exc
         if self.symmetry_relaxation not in RELAXATION_METHODS:
             raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
         if self.ewald_curvature not in ("negative", "positive"):
@@ -112,11 +117,10 @@ class RefineConfig:
     def unsupported(self) -> list[str]:
         """Reasons this configuration cannot run yet (empty when it can)."""
         problems = []
-        if self.symmetry.upper() != "C1":
-            problems.append(f"--symmetry {self.symmetry}: point groups other than C1 are not supported yet")
-        if self.symmetry_relaxation != "none":
-            problems.append(f"--symmetry-relaxation {self.symmetry_relaxation}: symmetry "
-                            "relaxation is not supported yet")
+        if self.symmetry_relaxation != "none" and self.adaptive_marginalization:
+            problems.append("--adaptive-marginalization together with --symmetry-relaxation "
+                            f"{self.symmetry_relaxation} is not supported yet (relaxation by "
+                            "marginalization already weights the symmetry-related poses)")
         if self.optimize_defocus:
             problems.append("--optimize-defocus: per-particle defocus refinement is not supported yet")
         if self.optimize_ctf_global:

@@ -91,13 +91,23 @@ class HalfMaps:
     fsc: np.ndarray
 
 
-def reconstruct_half_maps(par, accs: dict, n: int) -> HalfMaps | None:
+def reconstruct_half_maps(par, accs: dict, n: int, symmetry=None) -> HalfMaps | None:
     """Reduce, reconstruct both ways and FSC; a :class:`HalfMaps` on the root pair and
-    None on other ranks.  Collective over the world communicator."""
+    None on other ranks.  Collective over the world communicator.
+
+    symmetry: optional (N, 3, 3) point group to enforce: each root sums its half's
+    accumulators over the N rotations (every particle then counts in all N of its
+    symmetry-related poses) before reconstructing."""
     reduce_accumulators(par, accs)
     roots = [h for h in accs if par.is_half_root(h)]
     if not roots:
         return None
+    if symmetry is not None and len(symmetry) > 1:
+        from mpirefine.geometry.symmetry import symmetrize_accumulator
+
+        for h in roots:
+            accs[h].data, accs[h].weight = symmetrize_accumulator(accs[h].data, accs[h].weight,
+                                                                  symmetry)
     # No corner masking: the same soft sphere multiplied into both halves carries
     # their correlated low-resolution background out to every frequency (it raised
     # the FSC of refined half maps by ~0.1 up to Nyquist, where the truth says 0).

@@ -30,6 +30,7 @@ from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.fsc import crossing_shell, resolution_A
+from mpirefine.geometry.symmetry import point_group
 from mpirefine.halfmaps import PAD, insert_particles, reconstruct_half_maps
 from mpirefine.io import ImageSource, read_particles, read_volume
 from mpirefine.masks import dynamic_mask
@@ -77,18 +78,42 @@ def open_inputs(cfg: RefineConfig, par):
 def prepare(cfg: RefineConfig, par, log) -> Job:
     xp, ps, volume, static_mask, prep = open_inputs(cfg, par)
     n, px = prep.box, prep.pixel_size_A
+    group = point_group(cfg.symmetry)
+    alignment = None
+    if len(group) > 1 and cfg.symmetry_alignment:
+        volume, static_mask, alignment = align_input_volume(cfg, par, log, volume, static_mask, px)
     split = ps.split.copy() if np.all(ps.split >= 0) else _random_split(len(ps), cfg.seed)
     scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
     reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, px)
     job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
               references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, n),
               state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
-              resolution_A=cfg.initial_lowpass_A, log=log)
+              resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
+              symmetry_alignment=alignment)
     job.noise = initial_noise_model(job)
     if cfg.reestimate_greyscale:
         job.greyscale_factor = estimate_greyscale(job)
         job.references = {h: r * job.greyscale_factor for h, r in job.references.items()}
     return job
+
+
+def align_input_volume(cfg: RefineConfig, par, log, volume, static_mask, px: float):
+    """Turn and shift the input volume (and a static mask with it) so that its
+    symmetry axes lie on the convention's axes (--symmetry-alignment).  Found on rank
+    0 and broadcast, so every rank applies the same transform."""
+    from mpirefine.symmetry_align import align_symmetry_axes, apply_alignment
+
+    found = align_symmetry_axes(volume, cfg.symmetry, px) if par.is_root else None
+    rotation, shift_A, score = par.bcast_obj(found, root=0)
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))))
+    log.info(f"symmetry alignment ({cfg.symmetry}): input volume turned by {angle:.2f}° and "
+             f"shifted by ({', '.join(f'{v:.2f}' for v in shift_A)}) Å; symmetry score {score:.3f}")
+    volume = apply_alignment(volume, rotation, shift_A, px)
+    if static_mask is not None:
+        static_mask = np.clip(apply_alignment(static_mask, rotation, shift_A, px, order=1), 0, 1)
+    info = {"rotation": np.asarray(rotation).tolist(), "angle_deg": angle,
+            "shift_A": np.asarray(shift_A).tolist(), "symmetry_score": float(score)}
+    return volume, static_mask, info
 
 
 def _random_split(n: int, seed: int) -> np.ndarray:
@@ -161,7 +186,8 @@ def batch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.ndarra
     if force_full or job.cfg.disable_auto_batchsize:
         return np.arange(n_total)
     radius = job.prep.box * job.prep.pixel_size_A / job.resolution_A
-    size = auto_batch_size(radius, job.cfg.batchsize_epsilon, job.cfg.batchsize_snrfactor)
+    order = len(job.symmetry) if job.enforce_symmetry else 1
+    size = auto_batch_size(radius, job.cfg.batchsize_epsilon, job.cfg.batchsize_snrfactor, order)
     return choose_batch(n_total, size, job.cfg.seed, iteration)
 
 
@@ -172,7 +198,8 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
     par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
     n = ps.box
     plan = plan_search(job.alignment_resolution_A(), job.prep, cfg,
-                       marginalize=cfg.adaptive_marginalization)
+                       marginalize=cfg.adaptive_marginalization,
+                       relaxation=cfg.symmetry_relaxation)
     weights = job.noise.pixel_weights(n, xp)
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
@@ -193,7 +220,8 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
                 f = prepare_images(images, job.prep, xp)
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
                 with timer("search"):
-                    res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice)
+                    res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
+                                     job.symmetry, cfg.symmetry_relaxation)
                 scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
                 with timer("backprojection"):
                     if plan.marginalize:
@@ -272,7 +300,8 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
                                     constant=False)
         with timer("reconstruction"):
-            update_references(job, reconstruct_half_maps(par, accs, job.prep.box))
+            update_references(job, reconstruct_half_maps(
+                par, accs, job.prep.box, job.symmetry if job.enforce_symmetry else None))
         res = job.resolution_A
         seconds = time.time() - t0
         job.history.append({"iteration": iteration, "batch_size": int(len(batch)),
@@ -389,6 +418,8 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
         "wall_seconds": time.time() - wall_start,
         "greyscale_factor": job.greyscale_factor,
         "noise_sigma2": job.noise.sigma2,
+        "symmetry": job.cfg.symmetry,
+        "symmetry_alignment": job.symmetry_alignment,
         "iterations": job.history,
         "timings_per_rank": timings,
         "config": cfg.to_dict(),

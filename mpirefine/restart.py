@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine import checkpoint
+from mpirefine.geometry.symmetry import point_group
 from mpirefine.physics.noise import NoiseModel
 from mpirefine.state import Convergence, Job, ParticleState
 
@@ -70,7 +71,7 @@ def resume(cfg, par, log, inputs) -> tuple[Job, Convergence, int]:
               references=references, noise=NoiseModel(np.asarray(small["noise_sigma2"], float)),
               state=state, static_mask=static_mask, resolution_A=small["resolution_A"], log=log,
               history=list(small["history"]), masks=masks,
-              greyscale_factor=small["greyscale_factor"])
+              greyscale_factor=small["greyscale_factor"], symmetry=point_group(cfg.symmetry))
     if ckpt is not None:
         job.half_maps, job.regularised_maps = ckpt.half_maps, ckpt.regularised_maps
         job.fsc, job.next_references = ckpt.fsc, ckpt.references

@@ -39,6 +39,7 @@ import numpy as np
 from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.project import VolumeFT, extract_slices, rotation_blocks
 from mpirefine.geometry import grids
+from mpirefine.geometry.symmetry import asymmetric_unit_mask
 from mpirefine.likelihood import (
     count_within,
     log_likelihood,
@@ -173,7 +174,7 @@ class _Poses:
 
 def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
                  params: SearchParams = SearchParams(), shift_center_px=None,
-                 grid_rotation=None, shift_offset_px=None) -> SearchResult:
+                 grid_rotation=None, shift_offset_px=None, symmetry=None) -> SearchResult:
     """Find each particle's rotation and shift by coarse-to-fine likelihood search.
 
     vft: the reference (:func:`~mpirefine.fourier.project.volume_ft`), device of the search.
@@ -188,6 +189,9 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     the shift lattice.  A refinement draws both at random per half set and iteration,
     so the two halves' poses are not rounded to the same lattice: rounding errors that
     both halves shared would correlate their maps beyond the true resolution.
+    symmetry: optional (N, 3, 3) point group of the reference; the global grid is cut
+    to one asymmetric unit (1/N of the poses, see geometry.symmetry), and the finer
+    levels follow the kept cells wherever they lead.
     """
     t_start = time.perf_counter()
     xp = array_namespace(vft.data)
@@ -210,6 +214,8 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     grid = grids.so3_grid(params.coarse_step_deg)
     if grid_rotation is not None:
         grid = grid @ np.asarray(grid_rotation, float)
+    if symmetry is not None and len(symmetry) > 1:
+        grid = grid[asymmetric_unit_mask(grid, symmetry)]
     shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
     if shift_offset_px is not None:
         shifts0 = shifts0 + np.asarray(shift_offset_px, float)

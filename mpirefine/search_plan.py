@@ -32,12 +32,17 @@ class SearchPlan:
     params: SearchParams
     resolution_A: float
 
+    relaxation: str = "none"
+
     @property
     def marginalize(self) -> bool:
-        return self.params.marginalize
+        """Insert over posterior-weighted candidates (adaptive marginalization, or the
+        symmetry copies of symmetry relaxation by marginalization)."""
+        return self.params.marginalize or self.relaxation == "marginalization"
 
 
-def plan_search(resolution_A: float, prep, cfg, marginalize: bool) -> SearchPlan:
+def plan_search(resolution_A: float, prep, cfg, marginalize: bool,
+                relaxation: str = "none") -> SearchPlan:
     n, px = prep.box, prep.pixel_size_A
     final_radius = min(n * px / resolution_A, n // 2 - 1)
     coarse_radius = min(final_radius, max(MIN_COARSE_RADIUS_PX, 0.4 * final_radius))
@@ -48,7 +53,7 @@ def plan_search(resolution_A: float, prep, cfg, marginalize: bool) -> SearchPlan
                           shift_range_px=max(3.0, 0.1 * n), coarse_shift_step_px=2.0,
                           n_keep=8, marginalize=marginalize,
                           chunk_size=cfg.image_batch_size)
-    return SearchPlan(params=params, resolution_A=resolution_A)
+    return SearchPlan(params=params, resolution_A=resolution_A, relaxation=relaxation)
 
 
 class SearchOutcome:
@@ -93,9 +98,25 @@ def lattice_offsets(seed: int, iteration: int, half: int, shift_step_px: float):
     return rotation, offset
 
 
-def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None) -> SearchOutcome:
-    """``lattice``: (grid rotation, shift offset) from :func:`lattice_offsets`, or None."""
+def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None,
+               symmetry=None, relaxation: str = "none") -> SearchOutcome:
+    """The search as the EM loop runs it.
+
+    lattice: (grid rotation, shift offset) from :func:`lattice_offsets`, or None.
+    symmetry: the (N, 3, 3) point group or None.  relaxation "none" searches one
+    asymmetric unit (the symmetry is enforced at reconstruction); "maximization" and
+    "marginalization" search all of SO(3), then choose among the symmetry-related
+    copies of each pose (:mod:`mpirefine.symmetry_search`).
+    """
     rotation, offset = lattice if lattice is not None else (None, None)
-    result = search_poses(vft, images_ft, ctf, noise.sigma2, np.asarray(scale, float), plan.params,
-                          grid_rotation=rotation, shift_offset_px=offset)
+    relax = symmetry is not None and len(symmetry) > 1 and relaxation != "none"
+    scale = np.asarray(scale, float)
+    result = search_poses(vft, images_ft, ctf, noise.sigma2, scale, plan.params,
+                          grid_rotation=rotation, shift_offset_px=offset,
+                          symmetry=None if relax else symmetry)
+    if relax:
+        from mpirefine.symmetry_search import relax_symmetry
+
+        result = relax_symmetry(vft, images_ft, ctf, noise.sigma2, scale, result, symmetry,
+                                plan.params, marginalize=relaxation == "marginalization")
     return SearchOutcome(result, noise.sigma2)

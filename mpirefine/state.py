@@ -69,6 +69,14 @@ class Job:
     regularised_maps: dict | None = None   # the same with SSNR regularisation
     next_references: dict | None = None   # both halves' references, on the root pair
     greyscale_factor: float = 1.0
+    symmetry: np.ndarray | None = None    # (N, 3, 3) point group of the job
+    symmetry_alignment: dict | None = None  # how the input volume was turned onto the axes
+
+    @property
+    def enforce_symmetry(self) -> bool:
+        """Symmetry imposed at reconstruction (relaxation \"none\" and N > 1)."""
+        return (self.symmetry is not None and len(self.symmetry) > 1
+                and self.cfg.symmetry_relaxation == "none")
 
     def alignment_resolution_A(self) -> float:
         """The current resolution, capped by --max-align-resolution when given."""

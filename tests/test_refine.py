@@ -71,7 +71,8 @@ def test_help_lists_every_common_parameter_with_default():
     assert "[20]" in out and "[0.001]" in out and "[40]" in out
 
 
-@pytest.mark.parametrize("flag", [["--symmetry", "C4"], ["--symmetry-relaxation", "maximization"],
+@pytest.mark.parametrize("flag", [["--symmetry", "C4", "--symmetry-relaxation", "maximization",
+                                   "--adaptive-marginalization"],
                                   ["--ewald-correction"], ["--optimize-defocus"],
                                   ["--optimize-ctf-global"]])
 def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, flag):
@@ -83,6 +84,8 @@ def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, fl
 
 
 def test_bad_parameters_are_refused(refine_dataset, tmp_path):
+    res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--symmetry", "X7"))
+    assert res.returncode == 2 and "--symmetry X7" in res.stderr
     res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--initial-lowpass", "-5"))
     assert res.returncode == 2 and "--initial-lowpass" in res.stderr
     res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--window-inner", "0.9",

@@ -38,12 +38,17 @@ def add_args(parser):
     g.add_argument("--window-outer", type=float, default=0.99, metavar="F",
                    help="window outer radius, fraction of half the box [0.99]")
     g = p.add_argument_group("symmetry")
-    g.add_argument("--symmetry", default="C1", help="point group: C1 (others: not supported yet) [C1]")
+    g.add_argument("--symmetry", default="C1",
+                   help="point group: Cn, Dn (n-fold on Z, a 2-fold on Y), T, O, I1 (= I) or "
+                        "I2, axes as in docs/symmetry.md [C1]")
     g.add_argument("--symmetry-relaxation", default="none",
                    choices=["none", "maximization", "marginalization"],
-                   help="symmetry relaxation method (not supported yet) [none]")
+                   help="none: enforce the symmetry; maximization / marginalization: align "
+                        "without it, then choose among (or weight) the symmetry-related poses "
+                        "of each particle [none]")
     g.add_argument("--symmetry-alignment", action=B, default=True,
-                   help="align the input volume's symmetry axes to the convention [on]")
+                   help="turn the input volume so its symmetry axes lie on the convention's "
+                        "axes before refining (ignored for C1) [on]")
     g = p.add_argument_group("reference and iterations")
     g.add_argument("--reestimate-greyscale", action=B, default=True,
                    help="rescale the input volume to the particles' greyscale [on]")
