@@ -224,12 +224,15 @@ def digest_run(ranks: int, repeat: int, threads: int, cmd: list[str], raw: dict)
            for it in s["iterations"]]
     n_it = len(its)
     final = float(s["final_resolution_A"])
-    # Time to the final resolution: iteration seconds up to the first iteration that
-    # reached it (setup before the first iteration and output writing not included).
+    # Time to the final resolution: iteration seconds up to the first iteration whose
+    # (unmasked) GSFSC reached the best any iteration reached; the masked, corrected
+    # final figure comes from the last half maps, so no iteration reports it itself.
+    # Setup before the first iteration and output writing are not included.
+    best = min(it["resolution_A"] for it in its)
     elapsed, to_final, first_it = 0.0, None, None
     for it in its:
         elapsed += it["seconds"]
-        if to_final is None and it["resolution_A"] <= final * (1 + 1e-9):
+        if to_final is None and it["resolution_A"] <= best * (1 + 1e-9):
             to_final, first_it = elapsed, it["iteration"]
     per_rank = []
     for t in sorted(s.get("timings_per_rank") or [], key=lambda r: r["rank"]):

@@ -297,6 +297,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         batch = batch_for_iteration(job, iteration, force_full=rule.converged)
         full = len(batch) == len(job.particles)
         accs, power, counts = align_and_backproject(job, batch, iteration, timer)
+        par.barrier()  # waiting for slower ranks counts as idle, not as communication
         job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
                                     constant=False)
         with timer("reconstruction"):
