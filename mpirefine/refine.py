@@ -384,7 +384,8 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     # the FSC above from the unregularised ones (see halfmaps.HalfMaps)
     filtered = fsc_weighted_average(job.regularised_maps, final_fsc, crossing_shell(final_fsc))
     write_mrc(os.path.join(out, "map.mrc"), filtered, px)
-    sharp, guinier = sharpen_filtered_map(filtered, final_res, px)
+    sharp, guinier, guinier_s2, guinier_curve = sharpen_filtered_map(
+        filtered, 0.5 * (maps[0] + maps[1]), final_fsc, final_res, px)
     if guinier.n_shells < MIN_FIT_SHELLS:
         job.log.warning(f"map_sharp.mrc is not sharpened: {guinier.n_shells} shell(s) between "
                         f"{guinier.low_resolution_A:.0f} Å and {final_res:.2f} Å are too few "
@@ -411,6 +412,8 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
         "fsc_auto_mask_trials": [asdict(t) for t in suite.trials],
         "bfactor_A2": guinier.bfactor_A2,
         "guinier_fit": asdict(guinier),
+        "guinier_curve": {"s2_per_A2": guinier_s2.tolist(),
+                          "ln_power": [float(v) if np.isfinite(v) else None for v in guinier_curve]},
         "n_particles": len(job.particles),
         "n_particles_aligned": int(st.aligned.sum()),
         "box": n, "pixel_size_A": px,

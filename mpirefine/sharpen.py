@@ -67,10 +67,12 @@ def guinier_plot(volume, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_bfactor(volume, pixel_size_A: float, resolution_A: float,
-                low_resolution_A: float = 10.0) -> GuinierFit:
+                low_resolution_A: float = 10.0, whole_shells: bool = True) -> GuinierFit:
     """Fit the Guinier plot of ``volume`` ((n, n, n), Å units via ``pixel_size_A``)
     between ``low_resolution_A`` and ``resolution_A`` (shells wholly inside it);
-    B = -2 · slope (Å²).
+    B = -2 · slope (Å²).  ``whole_shells``: use only shells lying wholly inside the
+    resolution (for a map cut off there); False uses every shell whose centre lies in
+    the range, as relion_postprocess does on its unfiltered masked map.
 
     Fewer than MIN_FIT_SHELLS usable shells in that range (a map at 10 Å or worse,
     or a tiny box) gives B = 0: no sharpening rather than a guess.
@@ -83,7 +85,8 @@ def fit_bfactor(volume, pixel_size_A: float, resolution_A: float,
     # a shell holds voxels out to half a shell beyond its centre: keep only shells lying
     # wholly inside the resolution, since a map cut off there (the GSFSC-filtered map)
     # has a partly emptied top shell that would bend the line down
-    use = (shells >= lo_shell - 1e-9) & (shells + 0.5 <= hi_shell + 1e-9) & np.isfinite(ln_power)
+    top = shells + 0.5 if whole_shells else shells
+    use = (shells >= lo_shell - 1e-9) & (top <= hi_shell + 1e-9) & np.isfinite(ln_power)
     use[0] = False
     if use.sum() < MIN_FIT_SHELLS:
         return GuinierFit(0.0, 0.0, 0.0, 0.0, int(use.sum()), low_resolution_A, resolution_A)
@@ -115,13 +118,66 @@ def sharpen(volume, bfactor_A2: float, resolution_A: float, pixel_size_A: float)
     return centered_irfft3(f, n).astype(np.float32)
 
 
-def sharpen_filtered_map(filtered_map, resolution_A: float, pixel_size_A: float,
-                         low_resolution_A: float = 10.0) -> tuple[np.ndarray, GuinierFit]:
-    """The map_sharp of a job: fit B on the GSFSC-filtered map (as relion_postprocess fits
-    its FSC-weighted map) and sharpen it up to the resolution.  Returns (map, fit)."""
-    fit = fit_bfactor(filtered_map, pixel_size_A, resolution_A, low_resolution_A)
-    return sharpen(filtered_map, fit.bfactor_A2, resolution_A, pixel_size_A), fit
+def weighted_guinier(average, fsc, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """(s², ln⟨|F|⟩²·… ) of the FSC-weighted average, as relion_postprocess plots it:
+    the average of the half maps times sqrt(2 FSC / (1 + FSC)) per shell (0 where the
+    FSC is not positive), then ln of the shell-mean amplitude, doubled so that it is
+    on the ln⟨|F|²⟩ scale of :func:`guinier_plot` (slope -B/2).  -inf where the
+    weight is 0."""
+    v = np.asarray(to_numpy(average), np.float64)
+    n = v.shape[0]
+    f = np.clip(np.asarray(fsc, float)[: n // 2 + 1], 0.0, 1.0)
+    weight = np.sqrt(2.0 * f / (1.0 + f))
+    radius = radius_3d(n, np)
+    shell = np.minimum(np.rint(radius).astype(int), n // 2)
+    amplitude = np.abs(centered_rfft3(v)) * weight[shell]
+    mult = half_space_multiplicity(n, np)
+    n_shells = n // 2 + 1
+    count = np.maximum(shell_sums(np.ones(radius.shape), radius, n_shells, weights=mult), 1.0)
+    mean_amp = shell_sums(amplitude, radius, n_shells, weights=mult) / count
+    s2 = shell_sums(_spatial_frequency_sq(n, pixel_size_A), radius, n_shells, weights=mult) / count
+    with np.errstate(divide="ignore"):
+        return s2, 2.0 * np.log(mean_amp)
+
+
+def relion_bfactor(average, fsc, pixel_size_A: float, resolution_A: float | None,
+                   low_resolution_A: float = 10.0) -> tuple[GuinierFit, np.ndarray, np.ndarray]:
+    """B-factor as relion_postprocess --auto_bfac estimates it: a line through
+    :func:`weighted_guinier` from ``low_resolution_A`` to ``resolution_A`` (RELION's
+    --autob_highres), every shell whose centre lies in that range.  With
+    ``resolution_A`` None the fit runs out to the last shell before the FSC first
+    drops to zero (RELION's default --autob_highres 0); we use the resolution, since
+    the shells past it are noise whose FSC-weighted amplitudes moved B by 30 % between
+    two phase randomisations of the same half maps.  Returns (fit, s², curve)."""
+    s2, curve = weighted_guinier(average, fsc, pixel_size_A)
+    n = np.asarray(average).shape[0]
+    shells = np.arange(len(s2))
+    lo_shell = n * pixel_size_A / low_resolution_A
+    f = np.asarray(fsc, float)[: len(s2)]
+    beyond = shells[(shells >= lo_shell - 1e-9) & (f <= 0)]
+    last = beyond[0] - 1 if len(beyond) else shells[-1]
+    if resolution_A is not None:
+        last = min(last, int(np.floor(n * pixel_size_A / resolution_A + 1e-9)))
+    use = (shells >= lo_shell - 1e-9) & (shells <= last) & np.isfinite(curve)
+    high_A = n * pixel_size_A / max(last, 1)
+    if use.sum() < MIN_FIT_SHELLS:
+        return (GuinierFit(0.0, 0.0, 0.0, 0.0, int(use.sum()), low_resolution_A, high_A),
+                s2, curve)
+    slope, intercept = np.polyfit(s2[use], curve[use], 1)
+    corr = float(np.corrcoef(s2[use], curve[use])[0, 1])
+    return (GuinierFit(float(-2.0 * slope), float(slope), float(intercept), corr,
+                       int(use.sum()), low_resolution_A, high_A), s2, curve)
+
+
+def sharpen_filtered_map(filtered_map, average, fsc, resolution_A: float, pixel_size_A: float,
+                         low_resolution_A: float = 10.0):
+    """The map_sharp of a job: B from :func:`relion_bfactor` on the average of the
+    unregularised half maps and the final FSC, applied to the FSC-filtered map up to
+    the resolution.  Returns (map, fit, s², fitted curve)."""
+    fit, s2, curve = relion_bfactor(average, fsc, pixel_size_A, resolution_A, low_resolution_A)
+    # (resolution_A given: the fit stops at the resolution, see relion_bfactor)
+    return sharpen(filtered_map, fit.bfactor_A2, resolution_A, pixel_size_A), fit, s2, curve
 
 
 __all__ = ["GuinierFit", "guinier_plot", "fit_bfactor", "apply_bfactor", "sharpen",
-           "sharpen_filtered_map", "MIN_FIT_SHELLS"]
+           "sharpen_filtered_map", "weighted_guinier", "relion_bfactor", "MIN_FIT_SHELLS"]

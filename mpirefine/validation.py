@@ -52,6 +52,8 @@ AUTO_SCALES = (1.0, 0.8, 0.6, 0.4, 0.2)
 RANDOMIZE_AT_FSC = 0.8              # relion_postprocess --randomize_at_fsc default
 MAX_RANDOMIZED_FSC = 0.1            # relion_postprocess warns above this at the resolution
 CORRECTION_MARGIN_SHELLS = 2        # relion_postprocess starts correcting 2 shells later
+#: phase-randomised copies of each half map, averaged (RELION uses one)
+RANDOM_DRAWS = 4
 
 
 @dataclass
@@ -114,9 +116,13 @@ def mask_distance_A(map_a, map_b, pixel_size_A: float, lowpass_A: float,
 def masked_corrected(map_a, map_b, random_a, random_b, mask, shell: int,
                      margin_shells: int = CORRECTION_MARGIN_SHELLS):
     """(FSC_t, FSC_n, FSC_true) of one mask: the masked FSC of the half maps, of their
-    phase-randomised copies, and the corrected curve (see fsc.corrected_fsc)."""
+    phase-randomised copies, and the corrected curve (see fsc.corrected_fsc).
+    random_a, random_b: one phase-randomised copy of each map, or lists of several
+    (FSC_n is then their mean: one draw's noise moved the corrected curve's 0.143
+    crossing by a shell on a 64 px map)."""
     fsc_t = fsc_curve(map_a, map_b, mask)
-    fsc_n = fsc_curve(random_a, random_b, mask)
+    pairs = zip(random_a, random_b) if isinstance(random_a, list) else [(random_a, random_b)]
+    fsc_n = np.mean([fsc_curve(ra, rb, mask) for ra, rb in pairs], axis=0)
     return fsc_t, fsc_n, corrected_fsc(fsc_t, fsc_n, shell, margin_shells)
 
 
@@ -165,8 +171,8 @@ def fsc_suite(map_a, map_b, pixel_size_A: float, resolution_A_hint: float | None
 
     shell = randomization_shell(curves["fsc_no_mask"], randomize_at_fsc)
     rng = np.random.default_rng([seed, 143])
-    ra = randomize_phases_beyond(a, shell, rng)
-    rb = randomize_phases_beyond(b, shell, rng)
+    ra = [randomize_phases_beyond(a, shell, rng) for _ in range(RANDOM_DRAWS)]
+    rb = [randomize_phases_beyond(b, shell, rng) for _ in range(RANDOM_DRAWS)]
 
     trials, outcomes = [], {}
     for k, scale in enumerate(auto_scales):

@@ -11,7 +11,8 @@ from mpirefine.fourier.transforms import (
     shell_sums,
 )
 from mpirefine.models import asymmetric_chains, model_volume
-from mpirefine.sharpen import apply_bfactor, fit_bfactor, sharpen, sharpen_filtered_map
+from mpirefine.sharpen import (apply_bfactor, fit_bfactor, relion_bfactor, sharpen,
+                               sharpen_filtered_map)
 
 N, PX = 48, 2.0
 MODEL = dict(box=N, pixel_size_A=PX, chains=asymmetric_chains(), center_A="chains")
@@ -82,5 +83,18 @@ def test_no_fit_without_enough_shells():
     vol = model_volume(**MODEL)
     fit = fit_bfactor(vol, PX, resolution_A=11.0)          # nothing between 10 and 11 Å
     assert fit.bfactor_A2 == 0.0 and fit.n_shells < 3
-    out, fit = sharpen_filtered_map(vol, 11.0, PX)
+    n = vol.shape[0]
+    fsc = (np.arange(n // 2 + 1) <= n * PX / 11.0).astype(float)   # zero beyond 11 Å
+    out, fit, _, _ = sharpen_filtered_map(vol, vol, fsc, 11.0, PX)
+    assert fit.bfactor_A2 == 0.0
     np.testing.assert_allclose(out, _band_limit(vol, 11.0, PX), atol=1e-6)
+
+
+def test_relion_style_fit_recovers_a_known_blur():
+    # the FSC-weighted fit sees the map's own fall-off when the FSC is high throughout
+    sharp = model_volume(**MODEL)
+    white = centered_irfft3(centered_rfft3(sharp.astype(np.float64)) * _whitening(sharp), N)
+    blurred = apply_bfactor(white, 100.0, PX)
+    fsc = np.full(N // 2 + 1, 0.999)
+    fit, _, _ = relion_bfactor(blurred, fsc, PX, resolution_A=2 * PX * 1.25)
+    assert fit.bfactor_A2 == pytest.approx(100.0, rel=0.1), fit

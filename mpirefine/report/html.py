@@ -147,7 +147,8 @@ def make_plots(out_dir: str, summary: dict) -> tuple[dict, dict]:
     makers = {
         "fsc": lambda: plots.plot_fsc(os.path.join(out_dir, "fsc.csv"), plots_dir),
         "guinier": lambda: plots.plot_guinier(os.path.join(out_dir, "map.mrc"), plots_dir,
-                                              resolution, guinier_fit(summary)),
+                                              resolution, guinier_fit(summary),
+                                              summary.get("guinier_curve")),
         "iterations": lambda: plots.plot_iterations(summary.get("iterations") or [], plots_dir),
         "viewing_directions": lambda: plots.plot_viewing_directions(rotations_and_scale()[0],
                                                                     plots_dir),

@@ -108,14 +108,17 @@ MIN_FIT_SHELLS = 3
 
 
 def plot_guinier(map_path: str, plots_dir: str, resolution_A: float | None = None,
-                 fit: dict | None = None) -> str | None:
+                 fit: dict | None = None, curve: dict | None = None) -> str | None:
     """ln(shell-mean |F|²) of map.mrc against 1/d² (Å⁻²), with the B-factor's line.
 
     fit: summary.json's ``guinier_fit`` (bfactor_A2, low_resolution_A,
     high_resolution_A, n_shells) or just {"bfactor_A2": B}.  B is the blurring
     B-factor, F ∝ exp(-B / 4d²), so the line's slope is -B/2; its offset is fitted to
     the points in the fit range (10 Å, or 1.5 × the resolution when that is coarser,
-    to the resolution, unless ``fit`` gives the range).
+    to the resolution, unless ``fit`` gives the range).  curve: summary.json's
+    ``guinier_curve`` (the FSC-weighted average that the B-factor was fitted on,
+    {"s2_per_A2": [...], "ln_power": [...]}); when given, it is drawn too and the line
+    is placed on it.
     """
     from mpirefine.io import read_volume
 
@@ -130,6 +133,13 @@ def plot_guinier(map_path: str, plots_dir: str, resolution_A: float | None = Non
     good = (np.arange(n // 2 + 1) > 0) & (power > 1e-10 * power.max())
     fig, ax = plt.subplots(figsize=WIDE)
     ax.plot(s2[good], np.log(power[good]), ".-", ms=3, lw=1, label="map.mrc")
+    if curve and curve.get("s2_per_A2") and curve.get("ln_power"):
+        c_s2 = np.asarray(curve["s2_per_A2"], float)
+        c_ln = np.asarray([np.nan if v is None else v for v in curve["ln_power"]], float)
+        ok = np.isfinite(c_ln) & (c_s2 > 0)
+        ax.plot(c_s2[ok], c_ln[ok], ".-", ms=3, lw=1, color="tab:green",
+                label="FSC-weighted average (fitted)")
+        s2, power, good = c_s2, np.exp(np.where(ok, c_ln, -np.inf)), ok
     fit = dict(fit or {})
     hi = float(fit.get("high_resolution_A") or resolution_A or 2 * px)
     lo = float(fit.get("low_resolution_A") or max(10.0, 1.5 * hi))
