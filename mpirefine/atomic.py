@@ -19,8 +19,11 @@ def publish(tmp: str, path: str) -> None:
 def atomic_path(path: str):
     """Yield a temporary file name beside ``path``; when the block ends normally the
     file is published as ``path``, when it raises the temporary file is removed."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                               suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
         yield tmp

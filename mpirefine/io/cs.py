@@ -10,7 +10,6 @@ relative to the CryoSPARC project folder (a leading '>' says so explicitly).
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 
 import numpy as np
@@ -20,7 +19,7 @@ from mpirefine.geometry.rotations import matrix_to_rotvec, rotvec_to_matrix
 from mpirefine.io.particles import (ParticleSet, group_rows, header_pixel_size_A, portable_name,
                                     resolve_path)
 from mpirefine.physics.ctf import CTFParams
-from mpirefine.atomic import publish
+from mpirefine.atomic import atomic_path
 
 _REQUIRED_BLOB = ("blob/path", "blob/idx")
 _REQUIRED_CTF = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm",
@@ -244,16 +243,6 @@ def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
     table["alignments3D/split"] = np.where(split >= 0, split, _UNASSIGNED)
     table["alignments3D/alpha"] = np.asarray(scale, dtype=np.float64).reshape(n)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        # A file object stops np.save from appending '.npy' to the name.
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, table, allow_pickle=False)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # A file object stops np.save from appending '.npy' to the name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, table, allow_pickle=False)

@@ -10,7 +10,6 @@ destination folder is renamed over the target, so a crash never leaves half a ma
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import mrcfile
 import numpy as np
 
 from mpirefine.errors import InputError
-from mpirefine.atomic import publish
+from mpirefine.atomic import atomic_path
 
 # MRC modes 3 and 4 hold complex numbers (Fourier transforms), never real-space images.
 _COMPLEX_MODES = (3, 4)
@@ -124,13 +123,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
 def _atomic_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size_A: float,
                 image_stack: bool) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # mrcfile warns when header statistics meet NaN/Inf; callers validate data.
         with warnings.catch_warnings(), mrcfile.new(tmp, overwrite=True) as mrc:
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -140,11 +133,6 @@ def _atomic_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size_A: float,
             mrc.voxel_size = float(pixel_size_A)
             mrc.header.origin = (0.0, 0.0, 0.0)
             mrc.update_header_stats()
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size_A: float) -> None:

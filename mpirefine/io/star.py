@@ -14,7 +14,6 @@ half-set and per-particle scale.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -25,7 +24,7 @@ from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.particles import (ParticleSet, check_numeric_finite, group_rows,
                                     header_pixel_size_A, portable_name, resolve_path)
 from mpirefine.physics.ctf import CTFParams
-from mpirefine.atomic import publish
+from mpirefine.atomic import atomic_path
 
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS_A = ("rlnOriginXAngst", "rlnOriginYAngst")
@@ -307,13 +306,7 @@ def write_star(path: str | os.PathLike, particle_set: ParticleSet,
 def write_relion_star(path: str | os.PathLike, optics: pd.DataFrame,
                       particles: pd.DataFrame) -> None:
     """Atomically write a RELION 3.1+ STAR file with data_optics and data_particles."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".star",
-                               dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         starfile.write({"optics": optics, "particles": particles}, tmp,
                        float_format=_FLOAT_FORMAT, sep=" ")
         with open(tmp, "r", encoding="utf-8") as f:
@@ -323,8 +316,3 @@ def write_relion_star(path: str | os.PathLike, optics: pd.DataFrame,
             text = text.split("\n", 1)[1]
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("\n# version 30001\n" + text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
