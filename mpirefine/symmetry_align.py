@@ -135,9 +135,12 @@ class _Scorer:
         self.order = order
         self.elements = np.asarray(elements, float)
 
-    def __call__(self, R) -> float:
-        h = R.T @ self.elements @ R                       # (K, 3, 3): copy_k(x) = V(h_k x)
-        xyz = np.einsum("kij,jp->kip", h, self.points)
+    def __call__(self, R, centre_px=None) -> float:
+        """Score of symmetry axes R through ``centre_px`` (xyz voxels from the box
+        centre; default the centre itself): copy_k(x) = V(h_k (x − c) + c)."""
+        h = R.T @ self.elements @ R                       # (K, 3, 3)
+        c = np.zeros(3) if centre_px is None else np.asarray(centre_px, float)
+        xyz = np.einsum("kij,jp->kip", h, self.points - c[:, None]) + c[None, :, None]
         zyx = xyz[:, ::-1].transpose(1, 0, 2).reshape(3, -1) + self.center
         copies = map_coordinates(self.coeffs, zyx, order=self.order, mode="constant",
                                  prefilter=False).reshape(len(h), -1)
@@ -187,6 +190,35 @@ def _pattern_search(score, R, step_deg: float, min_step_deg: float):
     return R, best
 
 
+def _refine_centre(score, R, cyclic: bool, step_px: float = 1.0, min_step_px: float = 0.05):
+    """The point the symmetry axes pass through, by greedy ascent of ``score(R, c)``
+    from the box centre (where the centre of mass put the map).  The centre of mass
+    of a pseudo-symmetric map (one subunit differs) is off its axis; the symmetry
+    score is not.  For Cn only moves across the axis count (along it nothing changes)."""
+    if cyclic:
+        axis = R.T @ np.array([0.0, 0.0, 1.0])
+        u = np.cross(axis, [1.0, 0.0, 0.0] if abs(axis[0]) < 0.9 else [0.0, 1.0, 0.0])
+        u /= np.linalg.norm(u)
+        directions = [u, np.cross(axis, u)]
+    else:
+        directions = list(np.eye(3))
+    c = np.zeros(3)
+    best = score(R, c)
+    step = step_px
+    while step >= min_step_px:
+        moved = True
+        while moved:
+            moved = False
+            for d in directions:
+                for sign in (1.0, -1.0):
+                    trial = c + sign * step * d
+                    s = score(R, trial)
+                    if s > best + 1e-9:
+                        best, c, moved = s, trial, True
+        step /= 2.0
+    return c
+
+
 def _closest_to_identity(R, group, cyclic: bool) -> np.ndarray:
     """Among the equivalent answers h·R (h in the group's normaliser: the group
     itself, and e.g. O for T; for Cn any turn about Z or a flip of the axis), the one
@@ -231,10 +263,22 @@ def align_symmetry_axes(volume, group_name: str, pixel_size_A: float,
     middle = _Scorer(fourier_crop(centred, min(n, MIDDLE_BOX)), few, order=1)
     refined = [_pattern_search(middle, R, coarse_step_deg / 2, 1.0) for R in starts]
     R, _ = max(refined, key=lambda t: t[1])
-    fine = _Scorer(fourier_crop(centred, min(n, FINE_BOX)), few, order=3)
+    cyclic = name.startswith("C")
+    fine_box = min(n, FINE_BOX)
+    fine = _Scorer(fourier_crop(centred, fine_box), few, order=3)
     R, _ = _pattern_search(fine, R, 1.0, tolerance_deg)
-    R = _closest_to_identity(R, group, cyclic=name.startswith("C"))
-    score = _Scorer(fourier_crop(centred, min(n, FINE_BOX)), group[1:], order=3)(R)
+    # put the axes' common point, not the centre of mass, on the box centre; then
+    # touch up the rotation about that point
+    centre = _refine_centre(fine, R, cyclic) * (n / fine_box)
+    if np.linalg.norm(centre) > 0:
+        shift_px = shift_px - centre
+        centred = _particle_box(rotate_volume(v, np.eye(3), shift_px, order=3))
+        fine = _Scorer(fourier_crop(centred, fine_box), few, order=3)
+        R, _ = _pattern_search(fine, R, 0.5, tolerance_deg)
+    R = _closest_to_identity(R, group, cyclic=cyclic)
+    if Rotation.from_matrix(R).magnitude() < np.radians(2 * tolerance_deg):
+        R = np.eye(3)   # already on the axes: leave the map unturned
+    score = _Scorer(fourier_crop(centred, fine_box), group[1:], order=3)(R)
     return R, shift_px * pixel_size_A, score
 
 
