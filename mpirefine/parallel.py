@@ -202,13 +202,36 @@ def _require_contiguous(array) -> None:
                          f"{array.strides} for shape {array.shape}")
 
 
-def _host_buffer(array):
-    """The host memory MPI reads and writes for ``array`` (NumPy arrays: themselves)."""
+def cuda_aware_mpi(environ=None) -> bool:
+    """Whether MPI can read and write GPU memory directly.
+
+    MPIREFINE_CUDA_AWARE=1 or 0 decides; otherwise MPI itself is asked
+    (MPIX_Query_cuda_support, mpi4py >= 4: ``MPI.Query_cuda_support()``), and the
+    answer is no when it cannot say (the mpich wheel is not CUDA-aware).
+    """
+    env = os.environ if environ is None else environ
+    forced = env.get("MPIREFINE_CUDA_AWARE", "").strip().lower()
+    if forced in ("1", "yes", "true", "0", "no", "false"):
+        return forced in ("1", "yes", "true")
+    try:
+        from mpi4py import MPI
+
+        return bool(MPI.Query_cuda_support())
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def _host_buffer(array, cuda_aware: bool = False):
+    """The memory MPI reads and writes for ``array``: NumPy arrays themselves; CuPy
+    arrays themselves with a CUDA-aware MPI (after the stream is synchronised, since
+    MPI does not know about it), else a host copy (two PCIe transfers per call)."""
     _require_contiguous(array)
     if _is_cupy(array):
-        # Host staging: two PCIe copies per call. A CUDA-aware MPI could take the CuPy
-        # array directly (mpi4py reads __cuda_array_interface__; synchronise the stream
-        # first) and skip them; the mpich wheel is not CUDA-aware, so stage always.
+        if cuda_aware:
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+            return array
         return array.get()
     return array
 
@@ -256,6 +279,7 @@ class Parallel:
         self.comm_seconds = 0.0
         self.timer = Timer()
         self.device_index: int | None = None
+        self.cuda_aware = False      # set by select_device when the rank uses a GPU
 
     def half_comm(self, half: int):
         """The communicator of ``half``'s group; only ranks serving that half have it."""
@@ -311,6 +335,7 @@ class Parallel:
             n_gpus = xp.cuda.runtime.getDeviceCount()
             self.device_index = self.local_rank() % n_gpus
             xp.cuda.Device(self.device_index).use()
+            self.cuda_aware = cuda_aware_mpi()
         return xp
 
     @contextlib.contextmanager
@@ -332,7 +357,7 @@ class Parallel:
             return array
         is_root = group.Get_rank() == 0
         with self._timed():
-            host = _host_buffer(array)
+            host = _host_buffer(array, self.cuda_aware)
             call(group, host, is_root)
             if host is not array and (updated == "all" or (updated == "root") == is_root):
                 array.set(host)
@@ -369,12 +394,12 @@ class Parallel:
 
         other = 1 - self.rank
         with self._timed():
-            send = _host_buffer(array_mine)
-            received = np.empty_like(send)
+            send = _host_buffer(array_mine, self.cuda_aware)
+            received = send.copy() if send is array_mine else np.empty_like(send)
             self.comm.Sendrecv(send, dest=other, sendtag=17, recvbuf=received,
                                source=other, recvtag=17)
             self.bytes_communicated += send.nbytes + received.nbytes
-            if _is_cupy(array_mine):
+            if _is_cupy(array_mine) and not _is_cupy(received):
                 import cupy
 
                 received = cupy.asarray(received)

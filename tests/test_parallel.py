@@ -339,3 +339,10 @@ def test_gather_timings_reaches_rank_zero():
     for t in timings:
         assert t["seconds"]["search"] >= 0.01 * (t["rank"] + 1)
         assert t["comm_seconds"] >= t["seconds"]["idle"] >= 0
+
+
+def test_cuda_aware_mpi_can_be_forced_either_way():
+    assert parallel.cuda_aware_mpi({"MPIREFINE_CUDA_AWARE": "1"}) is True
+    assert parallel.cuda_aware_mpi({"MPIREFINE_CUDA_AWARE": "no"}) is False
+    # asked of MPI itself otherwise: the mpich wheel is not CUDA-aware
+    assert isinstance(parallel.cuda_aware_mpi({}), bool)
