@@ -12,8 +12,8 @@ The model (docs/parallel.md explains each term):
 - T_root: the root pair's reconstruction, FSC and references per iteration
   (measured "reconstruction" seconds), scaled by (n / n_measured)³ and by --speedup.
 - T_comm(R): each half group of G = R / 2 ranks reduces its accumulator
-  (complex128 data + float64 weights on the padded half-space grid:
-  24 · (2n)² · (n + 1) bytes) onto its root and broadcasts the next reference and
+  (sent as complex64 data + float32 weights on the padded half-space grid:
+  12 · (2n)² · (n + 1) bytes) onto its root and broadcasts the next reference and
   mask (4 n³ bytes each), as binomial trees of ceil(log2 G) steps at --network-GBps;
   the root pair swaps two pairs of half maps (16 n³ bytes).
 
@@ -60,7 +60,7 @@ def comm_seconds(n: int, ranks: int, bandwidth: float) -> float:
         return 0.0
     group = max(1, ranks // 2)
     steps = math.ceil(math.log2(group)) if group > 1 else 0
-    accumulator = 24.0 * (2 * n) ** 2 * (n + 1)
+    accumulator = 12.0 * (2 * n) ** 2 * (n + 1)
     volume = 4.0 * n ** 3
     tree = steps * (accumulator + 2 * volume) / bandwidth
     return tree + 4 * volume / bandwidth
