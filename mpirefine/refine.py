@@ -38,7 +38,7 @@ from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sums
 from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
 from mpirefine.references import next_references
-from mpirefine.search_plan import lattice_offsets, plan_search, run_search
+from mpirefine.search_plan import lattice_offsets, plan_search, run_search, search_reference
 from mpirefine import restart
 from mpirefine.state import Convergence, Job, ParticleState
 
@@ -216,12 +216,13 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
                 ref = ref * xp.asarray(job.masks[half])
             vft = volume_ft(ref, pad=PAD)
             lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
+            shared = search_reference(vft, plan, lattice, job.symmetry, cfg.symmetry_relaxation)
             for idx, images in source.chunks(mine, cfg.image_batch_size):
                 f = prepare_images(images, job.prep, xp)
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
                 with timer("search"):
                     res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
-                                     job.symmetry, cfg.symmetry_relaxation)
+                                     job.symmetry, cfg.symmetry_relaxation, shared)
                 scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
                 with timer("backprojection"):
                     if plan.marginalize:

@@ -174,7 +174,8 @@ class _Poses:
 
 def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
                  params: SearchParams = SearchParams(), shift_center_px=None,
-                 grid_rotation=None, shift_offset_px=None, symmetry=None) -> SearchResult:
+                 grid_rotation=None, shift_offset_px=None, symmetry=None,
+                 reference: "SearchReference | None" = None) -> SearchResult:
     """Find each particle's rotation and shift by coarse-to-fine likelihood search.
 
     vft: the reference (:func:`~mpirefine.fourier.project.volume_ft`), device of the search.
@@ -192,6 +193,10 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     symmetry: optional (N, 3, 3) point group of the reference; the global grid is cut
     to one asymmetric unit (1/N of the poses, see geometry.symmetry), and the finer
     levels follow the kept cells wherever they lead.
+    reference: a :class:`SearchReference` made by :func:`prepare_reference` for this
+    vft, params and lattice, to share the global grid's projections and the first
+    level's projection cache between calls (the EM loop searches chunk by chunk);
+    grid_rotation, shift_offset_px and symmetry are then taken from it.
     """
     t_start = time.perf_counter()
     xp = array_namespace(vft.data)
@@ -207,24 +212,15 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
         raise ValueError("particle scales must be positive")
 
     stats = SearchStats()
-    radii = params.level_radii_px()
-    kx, ky, index, radius = search_frequencies(n, radii[-1], xp)
-    n_freq = [count_within(radius, r) for r in radii]
+    if reference is None:
+        reference = prepare_reference(vft, params, grid_rotation, shift_offset_px, symmetry)
+    elif reference.vft is not vft or reference.params != params:
+        raise ValueError("the SearchReference was prepared for another reference or plan")
+    kx, ky, index = reference.kx, reference.ky, reference.index
+    n_freq, grid, shifts0, cache = reference.n_freq, reference.grid, reference.shifts0, reference.cache
     weights = noise_weights(noise_var_shell, n, index)
-    grid = grids.so3_grid(params.coarse_step_deg)
-    if grid_rotation is not None:
-        grid = grid @ np.asarray(grid_rotation, float)
-    if symmetry is not None and len(symmetry) > 1:
-        grid = grid[asymmetric_unit_mask(grid, symmetry)]
-    shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
-    if shift_offset_px is not None:
-        shifts0 = shifts0 + np.asarray(shift_offset_px, float)
-    tables0 = _project(vft, grid, kx[: n_freq[0]], ky[: n_freq[0]], stats)
+    tables0 = reference.level0_tables(stats)
     chunk = _chunk_size(params, n_freq[-1])
-    n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
-    cache = None
-    if params.n_levels and chunk < B and 12 * n_level1 * n_freq[1] <= params.max_chunk_MB * 2 ** 19:
-        cache = _ProjectionCache(n_level1, n_freq[1], xp)
 
     M = params.n_posterior if params.marginalize else 0
     out = _Outputs.empty(B, M)
@@ -330,6 +326,44 @@ def _children(kept, level, params, stats) -> _Poses:
     child_shifts, valid = grids.unique_shifts(grids.shift_children(shifts, step_px).reshape(b, -1, 2))
     stats.seconds["select"] += time.perf_counter() - t0
     return _Poses(children.reshape(b, k * n_child, 3, 3), child_keys, child_shifts, valid)
+
+
+class SearchReference:
+    """What a search needs of its reference and lattice, independent of the particles:
+    the frequencies, the global grid and shift lattice, the global grid's projections
+    and the first level's projection cache (filled on demand, kept across calls)."""
+
+    def __init__(self, vft, params: SearchParams, grid, shifts0):
+        xp = array_namespace(vft.data)
+        self.vft, self.params, self.grid, self.shifts0 = vft, params, grid, shifts0
+        radii = params.level_radii_px()
+        self.kx, self.ky, self.index, radius = search_frequencies(vft.n, radii[-1], xp)
+        self.n_freq = [count_within(radius, r) for r in radii]
+        n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
+        self.cache = None
+        if params.n_levels and 12 * n_level1 * self.n_freq[1] <= params.max_chunk_MB * 2 ** 19:
+            self.cache = _ProjectionCache(n_level1, self.n_freq[1], xp)
+        self._tables0 = None
+
+    def level0_tables(self, stats):
+        if self._tables0 is None:
+            K = self.n_freq[0]
+            self._tables0 = _project(self.vft, self.grid, self.kx[:K], self.ky[:K], stats)
+        return self._tables0
+
+
+def prepare_reference(vft, params: SearchParams, grid_rotation=None, shift_offset_px=None,
+                      symmetry=None) -> SearchReference:
+    """A :class:`SearchReference` (see :func:`search_poses` for the arguments)."""
+    grid = grids.so3_grid(params.coarse_step_deg)
+    if grid_rotation is not None:
+        grid = grid @ np.asarray(grid_rotation, float)
+    if symmetry is not None and len(symmetry) > 1:
+        grid = grid[asymmetric_unit_mask(grid, symmetry)]
+    shifts0 = grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px)
+    if shift_offset_px is not None:
+        shifts0 = shifts0 + np.asarray(shift_offset_px, float)
+    return SearchReference(vft, params, grid, shifts0)
 
 
 class _ProjectionCache:

@@ -20,7 +20,7 @@ from mpirefine.fourier.project import extract_slices
 from mpirefine.fourier.transforms import phase_shift_2d
 from mpirefine.halfmaps import insertion_frequencies
 from mpirefine.physics.noise import shell_power_sums
-from mpirefine.search import SearchParams, search_poses
+from mpirefine.search import SearchParams, prepare_reference, search_poses
 
 COARSE_STEP_DEG = 15.0
 MIN_STEP_DEG = 1.0
@@ -98,22 +98,32 @@ def lattice_offsets(seed: int, iteration: int, half: int, shift_step_px: float):
     return rotation, offset
 
 
+def search_reference(vft, plan: SearchPlan, lattice=None, symmetry=None,
+                     relaxation: str = "none"):
+    """The particle-independent part of the search for one reference, iteration and
+    half set (global grid projections, first-level cache), shared by its chunks."""
+    rotation, offset = lattice if lattice is not None else (None, None)
+    relax = symmetry is not None and len(symmetry) > 1 and relaxation != "none"
+    return prepare_reference(vft, plan.params, rotation, offset, None if relax else symmetry)
+
+
 def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None,
-               symmetry=None, relaxation: str = "none") -> SearchOutcome:
+               symmetry=None, relaxation: str = "none", reference=None) -> SearchOutcome:
     """The search as the EM loop runs it.
 
     lattice: (grid rotation, shift offset) from :func:`lattice_offsets`, or None.
     symmetry: the (N, 3, 3) point group or None.  relaxation "none" searches one
     asymmetric unit (the symmetry is enforced at reconstruction); "maximization" and
     "marginalization" search all of SO(3), then choose among the symmetry-related
-    copies of each pose (:mod:`mpirefine.symmetry_search`).
+    copies of each pose (:mod:`mpirefine.symmetry_search`).  reference: from
+    :func:`search_reference` with the same arguments, to share work between calls.
     """
-    rotation, offset = lattice if lattice is not None else (None, None)
     relax = symmetry is not None and len(symmetry) > 1 and relaxation != "none"
+    if reference is None:
+        reference = search_reference(vft, plan, lattice, symmetry, relaxation)
     scale = np.asarray(scale, float)
     result = search_poses(vft, images_ft, ctf, noise.sigma2, scale, plan.params,
-                          grid_rotation=rotation, shift_offset_px=offset,
-                          symmetry=None if relax else symmetry)
+                          reference=reference)
     if relax:
         from mpirefine.symmetry_search import relax_symmetry
 
