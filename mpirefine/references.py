@@ -20,8 +20,9 @@ def fsc_weights(fsc) -> np.ndarray:
 
 
 def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: float,
-                    pixel_size_A: float) -> dict:
-    """{half: (n, n, n) float32} references for halves 0 and 1 (NumPy, host)."""
+                    pixel_size_A: float, halves=(0, 1)) -> dict:
+    """{half: (n, n, n) float32} references for ``halves`` (NumPy, host); both half
+    maps are needed either way, for their shared low-resolution average."""
     n = maps[0].shape[0]
     fa = centered_rfft3(np.asarray(maps[0], np.float64))
     fb = centered_rfft3(np.asarray(maps[1], np.float64))
@@ -35,5 +36,5 @@ def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: fl
     idx = np.minimum(np.rint(r).astype(int), len(w) - 1)
     per_voxel = np.where(r <= n // 2, w[idx], 0.0)
     per_voxel[r < 1] = 1.0
-    return {0: centered_irfft3(fa * per_voxel, n).astype(np.float32),
-            1: centered_irfft3(fb * per_voxel, n).astype(np.float32)}
+    spectra = {0: fa, 1: fb}
+    return {h: centered_irfft3(spectra[h] * per_voxel, n).astype(np.float32) for h in halves}

@@ -260,12 +260,20 @@ def update_references(job: Job, halves) -> None:
     if halves is not None:
         maps, fsc = halves.regularised, halves.fsc
         res = resolution_A(fsc, n, px)
+        # each root makes its own half's mask and reference; rank 0 gets the other
+        # half's from rank 1 for the checkpoint
+        own = [h for h in (0, 1) if par.is_half_root(h)]
         masks = {}
         if cfg.dynamic_mask and cfg.mask is None and res <= cfg.dynamic_mask_start_resolution_A:
             masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
                                      cfg.dynamic_mask_near, cfg.dynamic_mask_far,
-                                     cfg.dynamic_mask_absolute) for h in (0, 1)}
-        refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px)
+                                     cfg.dynamic_mask_absolute) for h in own}
+        refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px, own)
+        if len(own) == 1:
+            other = 1 - own[0]
+            refs[other] = par.exchange_roots(refs[own[0]])
+            if masks:
+                masks[other] = par.exchange_roots(np.ascontiguousarray(masks[own[0]]))
         job.half_maps, job.regularised_maps = halves.unregularised, halves.regularised
         job.fsc, job.masks, job.next_references = fsc, masks, refs
         info = (res, bool(masks))
