@@ -49,8 +49,9 @@ footer { color: #888; font-size: 0.8em; margin-top: 32px; }
 FIGURES = {
     "fsc": ("Fourier shell correlation", "Half-map FSC per mask; dotted lines mark where "
             "each curve crosses 0.143 (the gold-standard resolution)."),
-    "guinier": ("Guinier plot", "ln of the mean |F|² per shell of map.mrc against 1/d²; the "
-                "line has the slope of the fitted B-factor over the shaded range."),
+    "guinier": ("Guinier plot", "ln of the mean |F|² per shell against 1/d², of map.mrc and "
+                "of the FSC-weighted average of the half maps that the B-factor is fitted on "
+                "(as relion_postprocess does); the line is the fit over the shaded range."),
     "iterations": ("Resolution per iteration", "GSFSC resolution after each iteration; "
                    "below, the minibatch size and the iteration's wall time."),
     "viewing_directions": ("Viewing directions", "Where the beam points in the map's frame, "
