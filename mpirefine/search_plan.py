@@ -59,7 +59,7 @@ def plan_search(resolution_A: float, prep, cfg, marginalize: bool,
 class SearchOutcome:
     """A search's result with the two things the loop derives from it."""
 
-    def __init__(self, result, noise_sigma2):
+    def __init__(self, result):
         self.result = result
         self.rotations = result.rotations
         self.shifts_px = result.shifts_px
@@ -129,4 +129,4 @@ def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None
 
         result = relax_symmetry(vft, images_ft, ctf, noise.sigma2, scale, result, symmetry,
                                 plan.params, marginalize=relaxation == "marginalization")
-    return SearchOutcome(result, noise.sigma2)
+    return SearchOutcome(result)

@@ -67,12 +67,10 @@ def guinier_plot(volume, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_bfactor(volume, pixel_size_A: float, resolution_A: float,
-                low_resolution_A: float = 10.0, whole_shells: bool = True) -> GuinierFit:
+                low_resolution_A: float = 10.0) -> GuinierFit:
     """Fit the Guinier plot of ``volume`` ((n, n, n), Å units via ``pixel_size_A``)
     between ``low_resolution_A`` and ``resolution_A`` (shells wholly inside it);
-    B = -2 · slope (Å²).  ``whole_shells``: use only shells lying wholly inside the
-    resolution (for a map cut off there); False uses every shell whose centre lies in
-    the range, as relion_postprocess does on its unfiltered masked map.
+    B = -2 · slope (Å²).
 
     Fewer than MIN_FIT_SHELLS usable shells in that range (a map at 10 Å or worse,
     or a tiny box) gives B = 0: no sharpening rather than a guess.
@@ -85,8 +83,7 @@ def fit_bfactor(volume, pixel_size_A: float, resolution_A: float,
     # a shell holds voxels out to half a shell beyond its centre: keep only shells lying
     # wholly inside the resolution, since a map cut off there (the GSFSC-filtered map)
     # has a partly emptied top shell that would bend the line down
-    top = shells + 0.5 if whole_shells else shells
-    use = (shells >= lo_shell - 1e-9) & (top <= hi_shell + 1e-9) & np.isfinite(ln_power)
+    use = (shells >= lo_shell - 1e-9) & (shells + 0.5 <= hi_shell + 1e-9) & np.isfinite(ln_power)
     use[0] = False
     if use.sum() < MIN_FIT_SHELLS:
         return GuinierFit(0.0, 0.0, 0.0, 0.0, int(use.sum()), low_resolution_A, resolution_A)
