@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from mpirefine.backend import backend_name, to_numpy
+from mpirefine.fourier import compiled
 from mpirefine.batching import auto_batch_size, choose_batch
 from mpirefine.config import RefineConfig
 from mpirefine.errors import InputError
@@ -428,6 +429,7 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
         "box": n, "pixel_size_A": px,
         "n_ranks": job.par.size,
         "backend": backend_name(job.xp),
+        "projection_kernel": compiled.kernel_name(job.xp),
         "wall_seconds": time.time() - wall_start,
         "greyscale_factor": job.greyscale_factor,
         "noise_sigma2": job.noise.sigma2,
@@ -455,7 +457,8 @@ def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:
     else:
         job, rule, first = prepare(cfg, par, log), Convergence(cfg.extra_final_passes), 1
     log.info(f"refine: {len(job.particles)} particles, box {job.prep.box}, "
-             f"{job.prep.pixel_size_A:.3f} Å/px, {par.size} rank(s), {backend_name(job.xp)}; "
+             f"{job.prep.pixel_size_A:.3f} Å/px, {par.size} rank(s), {backend_name(job.xp)} "
+             f"(projections: {compiled.kernel_name(job.xp)}); "
              f"start at {job.resolution_A:.1f} Å")
     finished = rule.converged and rule.remaining <= 0
     if not finished and first <= cfg.max_iterations:

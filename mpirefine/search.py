@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier.project import VolumeFT, extract_slices, rotation_blocks
+from mpirefine.fourier.project import VolumeFT, projection_tables
 from mpirefine.geometry import grids
 from mpirefine.geometry.symmetry import asymmetric_unit_mask
 from mpirefine.likelihood import (
@@ -45,7 +45,6 @@ from mpirefine.likelihood import (
     log_likelihood,
     noise_weights,
     profile_log_likelihood,
-    prepare_projections,
     score_batched,
     score_shared,
     search_frequencies,
@@ -234,19 +233,25 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
         shifts = shifts0[None] if shift_center_px is None else (
             np.asarray(shift_center_px, float)[sl, None, :] + shifts0)
         poses = _Poses(grid[None], np.arange(len(grid), dtype=np.int64)[None], shifts)
-        tables, rows = tables0, None
+        tables = tables0
         for level in range(params.n_levels + 1):
             K = n_freq[level]
             if level:
                 poses = _children(kept, level, params, stats)
-                tables, rows = _child_projections(vft, poses, kx[:K], ky[:K],
-                                                  cache if level == 1 else None, stats)
+                tables = _CachedRows(vft, cache, poses, kx[:K], ky[:K], stats) if (
+                    level == 1 and cache is not None) else None
             last = level == params.n_levels
             parts = []
             for blk in _blocks(b, poses, K):
                 p = poses.rows(blk)
-                g, h = _score_block(wcx[blk, :K], wc2[blk, :K], p, tables,
-                                    None if rows is None else rows[blk], kx[:K], ky[:K], n, stats)
+                if level == 0:
+                    blk_tables = tables
+                elif tables is None:  # the block's own children: no sharing worth a table
+                    blk_tables = _project(vft, p.rotations.reshape(-1, 3, 3), kx[:K], ky[:K], stats)
+                    blk_tables = tuple(t.reshape(p.keys.shape + (-1,)) for t in blk_tables)
+                else:
+                    blk_tables = tables.rows(blk)
+                g, h = _score_block(wcx[blk, :K], wc2[blk, :K], p, blk_tables, kx[:K], ky[:K], n, stats)
                 score = _pose_score(a[blk], params.fit_scale)
                 if last:
                     _finish(g, h, p, score, M, out, start + blk.start, stats)
@@ -261,20 +266,14 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
 
 
 def _project(vft, rotations, kx, ky, stats):
-    """Scoring tables of the projections at ``rotations``: (stacked (R, 2K), power (R, K))
-    as :func:`~mpirefine.likelihood.prepare_projections` makes them, built block by
-    block so that each block's projections are still in cache when they are used."""
-    xp = array_namespace(vft.data)
+    """Scoring tables (stacked (R, 2K), power (R, K)) of the projections at ``rotations``
+    (:func:`~mpirefine.fourier.project.projection_tables`)."""
     t0 = time.perf_counter()
     rotations = np.asarray(rotations)
-    R, K = len(rotations), kx.shape[0]
-    stacked = xp.empty((R, 2 * K), xp.float32)
-    power = xp.empty((R, K), xp.float32)
-    for blk in rotation_blocks(R, K):
-        stacked[blk], power[blk] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
-    stats.projection_samples += R * K
+    tables = projection_tables(vft, rotations, kx, ky)
+    stats.projection_samples += len(rotations) * kx.shape[0]
     stats.seconds["project"] += time.perf_counter() - t0
-    return stacked, power
+    return tables
 
 
 def _chunk_size(params, n_freq_last) -> int:
@@ -293,19 +292,17 @@ def _blocks(b, poses: _Poses, K):
     return [slice(i, min(b, i + step)) for i in range(0, b, step)]
 
 
-def _score_block(wcx, wc2, poses: _Poses, tables, rows, kx, ky, n, stats):
-    """G (b, T, C), H (b, C) for a block; shared rotations when rows is None."""
-    xp = array_namespace(wcx)
+def _score_block(wcx, wc2, poses: _Poses, tables, kx, ky, n, stats):
+    """G (b, T, C), H (b, C) for a block.  tables: (stacked, power) of rotations shared
+    by all particles ((C, 2K), (C, K)) or of each particle's own ((b, C, 2K), (b, C, K))."""
     t0 = time.perf_counter()
     b, K = wcx.shape
     T, C = poses.shifts.shape[1], poses.keys.shape[1]
-    if rows is None:
+    if tables[0].ndim == 2:
         shifts = poses.shifts[0] if poses.shifts.shape[0] == 1 else poses.shifts
         g, h = score_shared(wcx, wc2, shift_ramps(kx, ky, shifts, n), *tables)
     else:
-        r = xp.asarray(rows)
-        g, h = score_batched(wcx, wc2, shift_ramps(kx, ky, poses.shifts, n),
-                             tables[0][r], tables[1][r])
+        g, h = score_batched(wcx, wc2, shift_ramps(kx, ky, poses.shifts, n), *tables)
     stats.poses_scored += (b * T if poses.valid is None else int(poses.valid.sum())) * C
     stats.gemm_flops += 2.0 * b * T * 2 * K * C + 2.0 * b * K * C
     stats.seconds["score"] += time.perf_counter() - t0
@@ -379,25 +376,27 @@ class _ProjectionCache:
         self.filled = np.zeros(n_keys, dtype=bool)
 
 
-def _child_projections(vft, poses: _Poses, kx, ky, cache, stats):
-    """Projection tables (stacked, power) and per-particle rows (b, C) into them.
+class _CachedRows:
+    """The first level's children tables, drawn from the search's projection cache:
+    each key missing from the cache is extracted once, then every block gathers its
+    particles' rows."""
 
-    Each distinct key of the chunk is extracted once (or once per search with a cache).
-    """
-    xp = array_namespace(vft.data)
-    b, C = poses.keys.shape
-    unique, first, inverse = np.unique(poses.keys.ravel(), return_index=True, return_inverse=True)
-    flat = poses.rotations.reshape(-1, 3, 3)
-    if cache is None:
-        return _project(vft, flat[first], kx, ky, stats), inverse.reshape(b, C)
-    missing = ~cache.filled[unique]
-    if missing.any():
-        stacked, power = _project(vft, flat[first[missing]], kx, ky, stats)
-        where = xp.asarray(unique[missing])
-        cache.stacked[where] = stacked
-        cache.power[where] = power
-        cache.filled[unique[missing]] = True
-    return (cache.stacked, cache.power), poses.keys
+    def __init__(self, vft, cache: _ProjectionCache, poses: _Poses, kx, ky, stats):
+        xp = array_namespace(vft.data)
+        unique, first = np.unique(poses.keys.ravel(), return_index=True)
+        missing = ~cache.filled[unique]
+        if missing.any():
+            flat = poses.rotations.reshape(-1, 3, 3)
+            stacked, power = _project(vft, flat[first[missing]], kx, ky, stats)
+            where = xp.asarray(unique[missing])
+            cache.stacked[where] = stacked
+            cache.power[where] = power
+            cache.filled[unique[missing]] = True
+        self.cache, self.keys, self.xp = cache, poses.keys, xp
+
+    def rows(self, blk: slice):
+        r = self.xp.asarray(self.keys[blk])
+        return self.cache.stacked[r], self.cache.power[r]
 
 
 def _pick(table, index):

@@ -25,11 +25,10 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier.project import extract_slices
+from mpirefine.fourier.project import projection_tables
 from mpirefine.likelihood import (
     log_likelihood,
     noise_weights,
-    prepare_projections,
     profile_log_likelihood,
     score_batched,
     search_frequencies,
@@ -74,8 +73,8 @@ def relax_symmetry(vft, images_ft, ctf, noise_var_shell, scale, result: SearchRe
         X = xp.asarray(images_ft[sl]).reshape(b, -1)[:, index]
         C = xp.asarray(ctf[sl]).reshape(b, -1)[:, index]
         wcx, wc2 = weighted_data(X, C, weights)
-        stacked, power = prepare_projections(
-            extract_slices(vft, rot.reshape(-1, 3, 3), kx, ky).reshape(b, N * S, K))
+        stacked, power = projection_tables(vft, rot.reshape(-1, 3, 3), kx, ky)
+        stacked, power = stacked.reshape(b, N * S, 2 * K), power.reshape(b, N * S, K)
         g, h = score_batched(wcx, wc2, shift_ramps(kx, ky, shifts, n), stacked, power)
         a = xp.asarray(scale[sl], dtype=xp.float32)
         L = profile_log_likelihood(g, h[:, None, :]) if params.fit_scale else log_likelihood(g, h, a)

@@ -8,7 +8,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import to_numpy
-from mpirefine.fourier.project import extract_slices, project_transforms, volume_ft
+from mpirefine.fourier.project import extract_slices, project_transforms, projection_tables, volume_ft
 from mpirefine.fourier.transforms import centered_irfft2, centered_rfft2, freq_grid_2d, phase_shift_2d
 from mpirefine.geometry.rotations import angular_distance_deg
 from mpirefine.likelihood import (
@@ -203,11 +203,15 @@ def test_global_grid_alone_and_parameter_checks(vft, clean):
 
 
 def test_projection_samples_are_shared_between_particles(vft, clean):
-    # twice the same particles: the fine levels extract no more than for one copy (+ level 0)
+    # twice the same particles: the first level's children come from the search's cache,
+    # so they are extracted no more often than for one copy (deeper levels, whose
+    # children particles almost never share, are extracted per particle)
     images, ctf, noise_var, _, _ = clean
-    one = search_poses(vft, images[:10], ctf[:10], noise_var, params=PARAMS).stats
+    params = dataclasses.replace(PARAMS, final_step_deg=PARAMS.coarse_step_deg / 2)
+    assert params.n_levels == 1
+    one = search_poses(vft, images[:10], ctf[:10], noise_var, params=params).stats
     two = search_poses(vft, np.concatenate([images[:10]] * 2), np.concatenate([ctf[:10]] * 2),
-                       noise_var, params=PARAMS).stats
+                       noise_var, params=params).stats
     assert two.projection_samples == one.projection_samples
     assert two.poses_scored == 2 * one.poses_scored
 
@@ -218,3 +222,36 @@ def test_extract_slices_is_the_projector(vft):
     rot = Rotation.random(3, random_state=9).as_matrix()
     np.testing.assert_allclose(extract_slices(vft, rot, kx, ky),
                                project_transforms(vft, rot).reshape(3, -1)[:, index], rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
+    # the Numba kernel (NumPy path) and the array-namespace code (CuPy path, and NumPy
+    # without Numba) are one operator: same samples, flips and clipping, to float32 rounding
+    pytest.importorskip("numba")
+    from mpirefine.fourier import compiled
+    from mpirefine.likelihood import prepare_projections
+
+    assert compiled.enabled(np)
+    kx, ky, _, _ = search_frequencies(N, N // 2 - 1)
+    rot = np.concatenate([Rotation.random(200, random_state=4).as_matrix(), np.eye(3)[None],
+                          np.diag([-1.0, -1.0, 1.0])[None]])  # kx ≥ 0 and kx ≤ 0 exactly on the grid
+    stacked, power = compiled.projection_tables(vft, rot, kx, ky)
+    ref_stacked, ref_power = prepare_projections(extract_slices(vft, rot, kx, ky))
+    scale = np.abs(ref_stacked).max()
+    np.testing.assert_allclose(stacked, ref_stacked, atol=2e-6 * scale)
+    np.testing.assert_allclose(power, ref_power, atol=4e-6 * scale ** 2)
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    assert not compiled.enabled(np)
+    generic = projection_tables(vft, rot, kx, ky)
+    np.testing.assert_allclose(generic[0], ref_stacked, atol=1e-7 * scale)
+
+
+def test_search_is_the_same_with_and_without_the_compiled_kernel(vft, clean, monkeypatch):
+    pytest.importorskip("numba")
+    images, ctf, noise_var, _, _ = clean
+    fast = search_poses(vft, images[:20], ctf[:20], noise_var, params=PARAMS)
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    slow = search_poses(vft, images[:20], ctf[:20], noise_var, params=PARAMS)
+    assert fast.stats.projection_samples == slow.stats.projection_samples
+    assert np.mean(angular_distance_deg(fast.rotations, slow.rotations) < 1e-3) >= 0.95
+    np.testing.assert_allclose(fast.log_likelihood, slow.log_likelihood, rtol=1e-3, atol=1e-2)

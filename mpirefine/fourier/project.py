@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpirefine.backend import array_namespace
+from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.transforms import (
     centered_irfft2,
     centered_rfft3,
@@ -174,6 +174,31 @@ def _extract_block(vft: VolumeFT, rotations, kx, ky):
             for dx in (0, 1):
                 out += table[base + (offset + dx)] * (wzy * wx[dx])
     return xp.where(flip, xp.conj(out), out)
+
+
+def projection_tables(vft: VolumeFT, rotations, kx, ky):
+    """The pose search's scoring tables of the slices at ``rotations`` (R, 3, 3):
+    (stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²), as
+    :func:`mpirefine.likelihood.prepare_projections` makes them from
+    :func:`extract_slices`.
+
+    NumPy arrays go through the compiled kernel of :mod:`mpirefine.fourier.compiled`
+    when Numba is installed; otherwise (CuPy, or ``MPIREFINE_JIT=0``) the tables are
+    built block by block, so that each block's slices are still in cache when they are
+    stacked.
+    """
+    from mpirefine.fourier import compiled
+    from mpirefine.likelihood import prepare_projections
+
+    xp = array_namespace(vft.data)
+    if compiled.enabled(xp):
+        return compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
+    R, K = rotations.shape[0], kx.shape[0]
+    stacked = xp.empty((R, 2 * K), xp.float32)
+    power = xp.empty((R, K), xp.float32)
+    for blk in rotation_blocks(R, K):
+        stacked[blk], power[blk] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
+    return stacked, power
 
 
 def project_transforms(vft: VolumeFT, rotations):

@@ -1,0 +1,124 @@
+"""Compiled slice extraction for NumPy arrays: the pose search's hot loop.
+
+The pose search extracts tens of millions of central-slice samples per iteration (the
+fine levels' per-particle projections).  In NumPy each trilinear sample costs some
+thirty passes over temporaries; this kernel (Numba) computes a sample in one go and
+walks each group of consecutive rotations frequency by frequency, so that nearby
+rotations (a kept pose's children) read the same cache lines; groups run in
+parallel on this rank's share of the cores.  It writes the scoring tables directly:
+[Re P, Im P] stacked along the frequencies, and |P|².
+
+It is the same operator as :func:`mpirefine.fourier.project.extract_slices` (same
+zero-framed table, same clipping and Hermitian flip; the tests compare the two), used
+only for NumPy arrays when Numba imports.  CuPy arrays, and NumPy ones with
+``MPIREFINE_JIT=0`` in the environment, take the array-namespace code instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # the array-namespace code serves instead
+    numba = None
+
+_GROUP = 32  # rotations walked together, frequency by frequency
+_kernel = None
+_failed = False
+
+
+def enabled(xp) -> bool:
+    """Whether :func:`projection_tables` can run for arrays of namespace ``xp``."""
+    if xp is not np or os.environ.get("MPIREFINE_JIT", "1") == "0":
+        return False
+    return _get_kernel() is not None
+
+
+def kernel_name(xp) -> str:
+    """"numba" where the compiled kernel runs for ``xp``'s arrays, "array" otherwise."""
+    return "numba" if enabled(xp) else "array"
+
+
+def projection_tables(vft, rotations, kx, ky):
+    """(stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²) of the
+    central slices at ``rotations`` (R, 3, 3) and frequencies ``kx``, ``ky`` (K,)
+    (cycles per box of the unpadded images); NumPy arrays only."""
+    kernel = _get_kernel()
+    rotations = np.ascontiguousarray(rotations, dtype=np.float32)
+    kx = np.ascontiguousarray(kx, dtype=np.float32)
+    ky = np.ascontiguousarray(ky, dtype=np.float32)
+    R, K = rotations.shape[0], kx.shape[0]
+    P, nx = vft.size, vft.data.shape[2]
+    table = vft.gather_table().view(np.float32).reshape(P + 4, P + 4, 2 * (nx + 2))
+    stacked = np.empty((R, 2 * K), np.float32)
+    power = np.empty((R, K), np.float32)
+    kernel(table, rotations, kx, ky, np.float32(vft.pad), np.float32(P // 2 + 1),
+           np.float32(nx), np.float32(P + 2), _GROUP, stacked, power)
+    return stacked, power
+
+
+def _get_kernel():
+    global _kernel, _failed
+    if _kernel is None and not _failed:
+        if numba is None:
+            _failed = True
+            return None
+        options = dict(parallel=True, fastmath=True, boundscheck=False)
+        try:
+            _kernel = numba.njit(cache=True, **options)(_slices)
+        except RuntimeError:  # no writable cache location: compile per process
+            _kernel = numba.njit(**options)(_slices)
+        numba.set_num_threads(_threads(numba.config.NUMBA_NUM_THREADS))
+    return _kernel
+
+
+def _threads(available: int) -> int:
+    """This rank's share of the cores, as for BLAS (OMP_NUM_THREADS, which the
+    launchers and :func:`mpirefine.parallel.limit_threads` set), at most ``available``."""
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        wanted = available
+    return max(1, min(available, wanted))
+
+
+def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, stacked, power):
+    """Trilinear samples of the framed half-space table (z, y, [re, im] × x).
+
+    Frame coordinates: x from 0 (clipped to xmax = nx), y and z shifted by ``half``
+    (P / 2 + 1, the leading zero plane) and clipped to [0, ymax = P + 2]; a point with
+    x < 0 is read at -q and conjugated.
+    """
+    R, K = rot.shape[0], kx.shape[0]
+    zero, one = np.float32(0), np.float32(1)
+    for g in numba.prange((R + group - 1) // group):
+        g0 = g * group
+        g1 = min(R, g0 + group)
+        for k in range(K):
+            px, py = kx[k] * pad, ky[k] * pad
+            for r in range(g0, g1):
+                x = rot[r, 0, 0] * px + rot[r, 1, 0] * py
+                y = rot[r, 0, 1] * px + rot[r, 1, 1] * py
+                z = rot[r, 0, 2] * px + rot[r, 1, 2] * py
+                s = one if x >= zero else -one
+                x = min(x * s, xmax)
+                y = min(max(y * s + half, zero), ymax)
+                z = min(max(z * s + half, zero), ymax)
+                xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+                i, j, m = 2 * int(xf), int(yf), int(zf)
+                fx, fy, fz = x - xf, y - yf, z - zf
+                gx, gy, gz = one - fx, one - fy, one - fz
+                w0, w1, w2, w3 = gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx
+                w4, w5, w6, w7 = fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx
+                a, b = table[m, j], table[m, j + 1]
+                c, d = table[m + 1, j], table[m + 1, j + 1]
+                re = (w0 * a[i] + w1 * a[i + 2] + w2 * b[i] + w3 * b[i + 2]
+                      + w4 * c[i] + w5 * c[i + 2] + w6 * d[i] + w7 * d[i + 2])
+                im = (w0 * a[i + 1] + w1 * a[i + 3] + w2 * b[i + 1] + w3 * b[i + 3]
+                      + w4 * c[i + 1] + w5 * c[i + 3] + w6 * d[i + 1] + w7 * d[i + 3]) * s
+                stacked[r, k] = re
+                stacked[r, K + k] = im
+                power[r, k] = re * re + im * im
