@@ -145,6 +145,26 @@ def machine_info(cores: int, mpiexec: str) -> dict:
     }
 
 
+def machine_gemm_rate(threads: int) -> float | None:
+    """Single-precision GEMM FLOP/s of one process with ``threads`` BLAS threads (median
+    of 7 square 2048 products, in a subprocess so the thread count takes effect)."""
+    code = ("import numpy as np, time, statistics\n"
+            "a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)\n"
+            "a @ a\n"
+            "t = []\n"
+            "for _ in range(7):\n"
+            "    s = time.perf_counter(); a @ a; t.append(time.perf_counter() - s)\n"
+            "print(2 * 2048 ** 3 / statistics.median(t))\n")
+    env = dict(os.environ, **{v: str(threads) for v in
+                              ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300, check=True).stdout
+        return float(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def find_mpiexec(given: str | None) -> str:
     if given:
         return given
@@ -238,8 +258,13 @@ def digest_run(ranks: int, repeat: int, threads: int, cmd: list[str], raw: dict)
     for t in sorted(s.get("timings_per_rank") or [], key=lambda r: r["rank"]):
         sec = {c: float(t["seconds"].get(c, 0.0)) for c in CATEGORIES}
         other = {k: float(v) for k, v in t["seconds"].items() if k not in CATEGORIES}
+        counts = t.get("counts") or {}
+        flops = float(counts.get("search_gemm_flops", 0.0))
         per_rank.append({
             "rank": t["rank"], "seconds": sec, "other_seconds": other,
+            "search_poses_scored": counts.get("search_poses_scored"),
+            "search_gemm_flops": flops,
+            "search_gemm_flops_per_s": flops / sec["search"] if sec["search"] else None,
             "comm_seconds": float(t.get("comm_seconds", 0.0)),
             "bytes_communicated": int(t.get("bytes_communicated", 0)),
             "communication_fraction": sec["communication"] / wall if wall else None,
@@ -287,6 +312,7 @@ def summarise(runs: list[dict]) -> dict:
             "communication_fraction": _median([row["communication_fraction"] for row in rows]),
             "comm_seconds_fraction": _median([row["comm_seconds_fraction"] for row in rows]),
             "bytes_per_iteration": _median([row["bytes_per_iteration"] for row in rows]),
+            "search_gemm_flops_per_s": _median([row.get("search_gemm_flops_per_s") for row in rows]),
         }
     fractions = [v["communication_fraction"] for v in per_rank.values()
                  if v["communication_fraction"] is not None]
@@ -388,6 +414,12 @@ def main(argv=None) -> int:
                       f"communication {100 * comm:.1f} % (max rank), load "
                       f"{rec['loadavg_1min_before']} → {rec['loadavg_1min_after']}", flush=True)
         medians = {str(r): summarise(runs[r]) for r in args.ranks}
+        for r in args.ranks:  # the search's GEMM FLOP rate against sgemm on the same threads
+            rate = machine_gemm_rate(max(1, cores // r))
+            medians[str(r)]["machine_gemm_flops_per_s_per_rank"] = rate
+            for row in medians[str(r)]["per_rank"].values():
+                v = row.get("search_gemm_flops_per_s")
+                row["search_fraction_of_machine_gemm"] = v / rate if v and rate else None
         result = {
             "benchmark": "bench_refine",
             "date_utc": started.isoformat(timespec="seconds"),
@@ -423,16 +455,19 @@ def main(argv=None) -> int:
 
 def print_table(result: dict) -> None:
     print(f"{'ranks':>5} {'thr':>3} {'s/iter':>8} {'wall s':>8} {'t→final s':>10} "
-          f"{'final Å':>8} {'comm %':>7} {'MB/iter':>8} {'t(R)/t(1)':>9}")
+          f"{'final Å':>8} {'comm %':>7} {'MB/iter':>8} {'t(R)/t(1)':>9} {'search %GEMM':>12}")
     for key, m in result["medians"].items():
         sc = result["scaling"].get(key, {})
         comm = m["communication_fraction_max_rank"]
         mb = m["bytes_communicated_per_iteration_all_ranks"]
         ratio = sc.get("time_per_iteration_ratio")
+        gemm = [r.get("search_fraction_of_machine_gemm") for r in m["per_rank"].values()]
+        gemm = _median(gemm)
         print(f"{m['ranks']:5d} {m['threads_per_rank']:3d} {m['seconds_per_iteration']:8.2f} "
               f"{m['wall_seconds']:8.1f} {m['time_to_final_resolution_s'] or float('nan'):10.1f} "
               f"{m['final_resolution_A']:8.2f} {100 * (comm or 0):7.1f} "
-              f"{(mb or 0) / 1e6:8.2f} {ratio if ratio is not None else float('nan'):9.3f}")
+              f"{(mb or 0) / 1e6:8.2f} {ratio if ratio is not None else float('nan'):9.3f} "
+              f"{100 * gemm if gemm is not None else float('nan'):12.1f}")
     target = result["scaling"].get("target_2_ranks")
     if target:
         print(f"target t(2)/t(1) <= {target['ratio_target']} with communication < "

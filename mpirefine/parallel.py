@@ -163,9 +163,14 @@ class Timer:
 
     def __init__(self):
         self.seconds: dict[str, float] = dict.fromkeys(self.CATEGORIES, 0.0)
+        self.counts: dict[str, float] = {}
 
     def add(self, category: str, seconds: float) -> None:
         self.seconds[category] = self.seconds.get(category, 0.0) + seconds
+
+    def count(self, name: str, amount: float) -> None:
+        """Add to a work counter (e.g. the search's poses scored and GEMM FLOPs)."""
+        self.counts[name] = self.counts.get(name, 0.0) + float(amount)
 
     @contextlib.contextmanager
     def __call__(self, category: str):
@@ -433,8 +438,10 @@ class Parallel:
 
     def gather_timings(self):
         """On rank 0, a list by rank of {"rank", "seconds" (per Timer category),
-        "comm_seconds", "bytes_communicated"}; None elsewhere."""
+        "counts" (the Timer's work counters), "comm_seconds", "bytes_communicated"};
+        None elsewhere."""
         record = {"rank": self.rank, "seconds": dict(self.timer.seconds),
+                  "counts": dict(self.timer.counts),
                   "comm_seconds": self.comm_seconds,
                   "bytes_communicated": self.bytes_communicated}
         return self.gather_obj(record, root=0)

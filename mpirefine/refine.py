@@ -224,6 +224,8 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
                 with timer("search"):
                     res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
                                      job.symmetry, cfg.symmetry_relaxation, shared)
+                timer.count("search_poses_scored", res.stats.poses_scored)
+                timer.count("search_gemm_flops", res.stats.gemm_flops)
                 scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
                 with timer("backprojection"):
                     if plan.marginalize:
