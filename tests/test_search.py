@@ -236,12 +236,15 @@ def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
     rot = np.concatenate([Rotation.random(200, random_state=4).as_matrix(), np.eye(3)[None],
                           np.diag([-1.0, -1.0, 1.0])[None]])  # kx ≥ 0 and kx ≤ 0 exactly on the grid
     stacked, power = compiled.projection_tables(vft, rot, kx, ky)
-    ref_stacked, ref_power = prepare_projections(extract_slices(vft, rot, kx, ky))
+    fast_slices = extract_slices(vft, rot, kx, ky)
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    assert not compiled.enabled(np)
+    slices = extract_slices(vft, rot, kx, ky)
+    ref_stacked, ref_power = prepare_projections(slices)
     scale = np.abs(ref_stacked).max()
     np.testing.assert_allclose(stacked, ref_stacked, atol=2e-6 * scale)
     np.testing.assert_allclose(power, ref_power, atol=4e-6 * scale ** 2)
-    monkeypatch.setenv("MPIREFINE_JIT", "0")
-    assert not compiled.enabled(np)
+    np.testing.assert_allclose(fast_slices, slices, atol=2e-6 * scale)
     generic = projection_tables(vft, rot, kx, ky)
     np.testing.assert_allclose(generic[0], ref_stacked, atol=1e-7 * scale)
 
@@ -255,3 +258,22 @@ def test_search_is_the_same_with_and_without_the_compiled_kernel(vft, clean, mon
     assert fast.stats.projection_samples == slow.stats.projection_samples
     assert np.mean(angular_distance_deg(fast.rotations, slow.rotations) < 1e-3) >= 0.95
     np.testing.assert_allclose(fast.log_likelihood, slow.log_likelihood, rtol=1e-3, atol=1e-2)
+
+
+def test_compiled_insertion_equals_the_array_code(monkeypatch):
+    pytest.importorskip("numba")
+    from mpirefine.fourier.backproject import Accumulator
+
+    rng = np.random.default_rng(3)
+    kx, ky, _, _ = search_frequencies(16, 7)
+    rot = np.concatenate([Rotation.random(30, random_state=5).as_matrix(), np.eye(3)[None]])
+    values = (rng.standard_normal((31, len(kx))) + 1j * rng.standard_normal((31, len(kx)))).astype(np.complex64)
+    weights = rng.uniform(0.1, 1.0, (31, len(kx))).astype(np.float32)
+    fast = Accumulator.zeros(16, 2, np)
+    fast.insert(rot, values, weights, kx, ky)
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    slow = Accumulator.zeros(16, 2, np)
+    slow.insert(rot, values, weights, kx, ky)
+    assert np.abs(slow.weight).max() > 0
+    np.testing.assert_allclose(fast.data, slow.data, atol=1e-5 * np.abs(slow.data).max())
+    np.testing.assert_allclose(fast.weight, slow.weight, atol=1e-5 * slow.weight.max())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpirefine.backend import array_namespace
+from mpirefine.fourier import compiled
 from mpirefine.fourier.project import slice_coordinates, trilinear_stencil
 
 
@@ -46,8 +47,13 @@ class Accumulator:
 
         rotations: (R, 3, 3); values: (R, K) complex; weights: (R, K) real;
         kx, ky: (K,) frequencies in cycles per box of the unpadded images.
+        NumPy accumulators use the compiled scatter of :mod:`mpirefine.fourier.compiled`
+        when Numba is installed; otherwise (and for CuPy) three bincounts.
         """
         xp = array_namespace(self.data)
+        if compiled.enabled(xp) and self.data.flags.c_contiguous and self.weight.flags.c_contiguous:
+            compiled.insert_slices(self.data, self.weight, self.pad, rotations, values, weights, kx, ky)
+            return
         q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), self.pad)
         index, corner_w, flip = trilinear_stencil(*q, self.size)
         values = xp.asarray(values)

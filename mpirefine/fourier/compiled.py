@@ -1,4 +1,4 @@
-"""Compiled slice extraction for NumPy arrays: the pose search's hot loop.
+"""Compiled slice extraction and insertion for NumPy arrays: the refinement's hot loops.
 
 The pose search extracts tens of millions of central-slice samples per iteration (the
 fine levels' per-particle projections).  In NumPy each trilinear sample costs some
@@ -6,11 +6,13 @@ thirty passes over temporaries; this kernel (Numba) computes a sample in one go 
 walks each group of consecutive rotations frequency by frequency, so that nearby
 rotations (a kept pose's children) read the same cache lines; groups run in
 parallel on this rank's share of the cores.  It writes the scoring tables directly:
-[Re P, Im P] stacked along the frequencies, and |P|².
+[Re P, Im P] stacked along the frequencies, and |P|².  Backprojection's scatter
+(:func:`insert_slices`) is compiled likewise, on one thread.
 
-It is the same operator as :func:`mpirefine.fourier.project.extract_slices` (same
-zero-framed table, same clipping and Hermitian flip; the tests compare the two), used
-only for NumPy arrays when Numba imports.  CuPy arrays, and NumPy ones with
+They are the same operators as :func:`mpirefine.fourier.project.extract_slices` and
+:meth:`mpirefine.fourier.backproject.Accumulator.insert` (same stencil, clipping and
+Hermitian flip; the tests compare them), used only for NumPy arrays when Numba
+imports.  CuPy arrays, and NumPy ones with
 ``MPIREFINE_JIT=0`` in the environment, take the array-namespace code instead.
 """
 
@@ -26,15 +28,15 @@ except ImportError:  # the array-namespace code serves instead
     numba = None
 
 _GROUP = 32  # rotations walked together, frequency by frequency
-_kernel = None
+_kernels: dict = {}
 _failed = False
 
 
 def enabled(xp) -> bool:
-    """Whether :func:`projection_tables` can run for arrays of namespace ``xp``."""
+    """Whether the kernels can run for arrays of namespace ``xp``."""
     if xp is not np or os.environ.get("MPIREFINE_JIT", "1") == "0":
         return False
-    return _get_kernel() is not None
+    return _get_kernel("slices") is not None
 
 
 def kernel_name(xp) -> str:
@@ -46,7 +48,7 @@ def projection_tables(vft, rotations, kx, ky):
     """(stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²) of the
     central slices at ``rotations`` (R, 3, 3) and frequencies ``kx``, ``ky`` (K,)
     (cycles per box of the unpadded images); NumPy arrays only."""
-    kernel = _get_kernel()
+    kernel = _get_kernel("slices")
     rotations = np.ascontiguousarray(rotations, dtype=np.float32)
     kx = np.ascontiguousarray(kx, dtype=np.float32)
     ky = np.ascontiguousarray(ky, dtype=np.float32)
@@ -60,19 +62,38 @@ def projection_tables(vft, rotations, kx, ky):
     return stacked, power
 
 
-def _get_kernel():
-    global _kernel, _failed
-    if _kernel is None and not _failed:
+def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky) -> None:
+    """Add slices into half-space accumulators, the adjoint of the extraction:
+    ``data`` (P, P, P // 2 + 1) complex128 += trilinear spread of ``values`` (R, K)
+    (conjugated where the point is mirrored), ``weight`` (same shape, float64) +=
+    that of ``weights`` (R, K); corners outside the grid are dropped.  One thread
+    (a scatter)."""
+    kernel = _get_kernel("insert")
+    values = np.asarray(values, dtype=np.complex64)
+    P = data.shape[0]
+    kernel(data.reshape(P, P, -1).view(np.float64), weight,
+           np.ascontiguousarray(rotations, dtype=np.float32),
+           np.ascontiguousarray(values.real, dtype=np.float32),
+           np.ascontiguousarray(values.imag, dtype=np.float32),
+           np.ascontiguousarray(weights, dtype=np.float32),
+           np.ascontiguousarray(kx, dtype=np.float32), np.ascontiguousarray(ky, dtype=np.float32),
+           np.float32(pad))
+
+
+def _get_kernel(name: str):
+    global _failed
+    if not _kernels and not _failed:
         if numba is None:
             _failed = True
             return None
-        options = dict(parallel=True, fastmath=True, boundscheck=False)
-        try:
-            _kernel = numba.njit(cache=True, **options)(_slices)
-        except RuntimeError:  # no writable cache location: compile per process
-            _kernel = numba.njit(**options)(_slices)
+        for key, func, parallel in (("slices", _slices, True), ("insert", _insert, False)):
+            options = dict(parallel=parallel, fastmath=True, boundscheck=False)
+            try:
+                _kernels[key] = numba.njit(cache=True, **options)(func)
+            except RuntimeError:  # no writable cache location: compile per process
+                _kernels[key] = numba.njit(**options)(func)
         numba.set_num_threads(_threads(numba.config.NUMBA_NUM_THREADS))
-    return _kernel
+    return _kernels.get(name)
 
 
 def _threads(available: int) -> int:
@@ -122,3 +143,43 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, stacked, power):
                 stacked[r, k] = re
                 stacked[r, K + k] = im
                 power[r, k] = re * re + im * im
+
+
+def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
+    """Scatter of :func:`insert_slices`: data (P, P, 2 (P / 2 + 1)) float64 [re, im]
+    pairs, weight (P, P, P / 2 + 1) float64; the stencil of
+    :func:`mpirefine.fourier.project.trilinear_stencil`."""
+    P, nx = weight.shape[0], weight.shape[2]
+    half = P // 2
+    R, K = rot.shape[0], kx.shape[0]
+    zero, one = np.float32(0), np.float32(1)
+    for r in range(R):
+        for k in range(K):
+            px, py = kx[k] * pad, ky[k] * pad
+            x = rot[r, 0, 0] * px + rot[r, 1, 0] * py
+            y = rot[r, 0, 1] * px + rot[r, 1, 1] * py
+            z = rot[r, 0, 2] * px + rot[r, 1, 2] * py
+            s = one if x >= zero else -one
+            x, y, z = x * s, y * s, z * s
+            xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+            x0, y0, z0 = int(xf), int(yf) + half, int(zf) + half
+            fx, fy, fz = x - xf, y - yf, z - zf
+            re, im, w = vre[r, k], vim[r, k] * s, vw[r, k]
+            for dz in range(2):
+                iz = z0 + dz
+                if iz < 0 or iz >= P:
+                    continue
+                wz = fz if dz else one - fz
+                for dy in range(2):
+                    iy = y0 + dy
+                    if iy < 0 or iy >= P:
+                        continue
+                    wzy = wz * (fy if dy else one - fy)
+                    for dx in range(2):
+                        ix = x0 + dx
+                        if ix >= nx:
+                            continue
+                        c = wzy * (fx if dx else one - fx)
+                        data[iz, iy, 2 * ix] += c * re
+                        data[iz, iy, 2 * ix + 1] += c * im
+                        weight[iz, iy, ix] += c * w

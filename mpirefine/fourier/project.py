@@ -125,8 +125,15 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     The same operator as :func:`trilinear_stencil` with a gather (the adjoint of
     insertion), written for speed: blocks of about 10⁵ samples stay in cache, and
     the zero frame of :meth:`VolumeFT.gather_table` replaces per-corner bounds checks.
+    NumPy arrays go through the compiled kernel when Numba is installed.
     """
+    from mpirefine.fourier import compiled
+
     xp = array_namespace(vft.data)
+    if compiled.enabled(xp):
+        stacked, _ = compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
+        K = stacked.shape[1] // 2
+        return (stacked[:, :K] + 1j * stacked[:, K:]).astype(xp.complex64)
     rotations = xp.asarray(rotations, dtype=xp.float32)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
     blocks = rotation_blocks(rotations.shape[0], kx.shape[0])
