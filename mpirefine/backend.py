@@ -1,7 +1,10 @@
 """Array namespace handling: one code path for NumPy and CuPy.
 
 Math modules call :func:`array_namespace` on their inputs and use what it returns;
-they never import cupy themselves and never branch on the backend.
+they never import cupy themselves and never branch on the backend, with one
+exception: slice extraction and insertion hand NumPy arrays to the compiled kernels
+of :mod:`mpirefine.fourier.compiled` (Numba).  The array-namespace code they stand
+in for is what CuPy runs, and the tests check the two against each other.
 """
 
 from __future__ import annotations
