@@ -16,11 +16,14 @@ The scheme follows cryoDRGN's ``pose_search``:
 - the last level gives the best pose, its log-likelihood and the optimal scale, and
   (``marginalize``) posterior weights over the best ``n_posterior`` poses.
 
-Projections of children rotations that several particles share are extracted once:
-per chunk, and for the first refinement level (a fixed set: 18 children per grid
-point) once per search.  Scoring runs over blocks of particles whose temporaries stay
-near 32 MB.  Poses come back as NumPy arrays on the host; the arithmetic runs in the
-namespace of ``vft.data`` (NumPy or CuPy).
+The first refinement level's children form a fixed set (18 per grid point) that many
+particles draw from: their projections are extracted once per search and cached.
+Deeper levels' children are each particle's own (two particles almost never keep
+the same cell), so they are extracted block by block, where they are scored.
+Scoring runs over blocks of particles whose temporaries stay near 32 MB.  Poses come
+back as NumPy arrays on the host; the arithmetic runs in the namespace of
+``vft.data`` (NumPy or CuPy), the projections through
+:func:`~mpirefine.fourier.project.projection_tables`.
 
 Sampling: level 0 only ranks the right cell among the top n_keep if its grids are fine
 enough for its cut-off r0: a shift error δ costs a phase 2π r0 δ / n and a rotation
@@ -277,8 +280,8 @@ def _project(vft, rotations, kx, ky, stats):
 
 
 def _chunk_size(params, n_freq_last) -> int:
-    """Particles per chunk: the chunk's projection tables (12 bytes per rotation and
-    frequency, ≤ 18 n_keep rotations per particle) and data fit in max_chunk_MB."""
+    """Particles per chunk: room for 12 bytes per rotation and frequency of ≤ 18 n_keep
+    rotations per particle, and the data, within max_chunk_MB."""
     n_rot = len(grids.ROTATION_STENCILS["hopf"]) * params.n_keep
     per_particle = 12 * (n_rot + 1) * n_freq_last + 4096
     return int(max(1, min(params.chunk_size, params.max_chunk_MB * 2 ** 20 // per_particle)))
