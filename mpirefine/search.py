@@ -279,12 +279,35 @@ def _project(vft, rotations, kx, ky, stats):
     return tables
 
 
+_CHUNK_BYTES_PER_FREQ = 24  # a chunk's X, C, w C X and w C² at each search frequency
+_CHUNK_BYTES_PER_PARTICLE = 4096  # kept poses, children, shifts
+
+
 def _chunk_size(params, n_freq_last) -> int:
-    """Particles per chunk: room for 12 bytes per rotation and frequency of ≤ 18 n_keep
-    rotations per particle, and the data, within max_chunk_MB."""
-    n_rot = len(grids.ROTATION_STENCILS["hopf"]) * params.n_keep
-    per_particle = 12 * (n_rot + 1) * n_freq_last + 4096
+    """Particles per chunk: the chunk's data at the search frequencies fit in
+    max_chunk_MB (projections and scores live in blocks, :func:`_blocks`)."""
+    per_particle = _CHUNK_BYTES_PER_FREQ * n_freq_last + _CHUNK_BYTES_PER_PARTICLE
     return int(max(1, min(params.chunk_size, params.max_chunk_MB * 2 ** 20 // per_particle)))
+
+
+def working_bytes(params: SearchParams, n_grid: int, n_freq: list[int]) -> dict:
+    """Bytes a search keeps (the estimate :mod:`mpirefine.report.memory` reports): a
+    chunk's data, the first level's projection cache (when kept), the global grid's
+    tables and the scoring blocks (a block's scores, likelihoods and projection tables).
+    n_grid: rotations of the global grid; n_freq: frequencies of each level."""
+    chunk = _chunk_size(params, n_freq[-1])
+    n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * n_grid
+    return {
+        "chunk data": chunk * (_CHUNK_BYTES_PER_FREQ * n_freq[-1] + _CHUNK_BYTES_PER_PARTICLE),
+        "level-1 cache": 12 * n_level1 * n_freq[1] if _keeps_cache(params, n_level1, n_freq) else 0,
+        "global grid tables": 12 * n_grid * n_freq[0],
+        "scoring blocks": 3 * _BLOCK_BYTES,
+    }
+
+
+def _keeps_cache(params, n_level1: int, n_freq: list[int]) -> bool:
+    """The first level's projection cache is kept when it fits in half of max_chunk_MB."""
+    return bool(params.n_levels) and 12 * n_level1 * n_freq[1] <= params.max_chunk_MB * 2 ** 19
 
 
 def _blocks(b, poses: _Poses, K):
@@ -341,7 +364,7 @@ class SearchReference:
         self.n_freq = [count_within(radius, r) for r in radii]
         n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
         self.cache = None
-        if params.n_levels and 12 * n_level1 * self.n_freq[1] <= params.max_chunk_MB * 2 ** 19:
+        if _keeps_cache(params, n_level1, self.n_freq):
             self.cache = _ProjectionCache(n_level1, self.n_freq[1], xp)
         self._tables0 = None
 

@@ -8,10 +8,9 @@ The model follows what the code allocates (sizes in bytes, n = box in px, paddin
   (2n+4, 2n+4, n+3) (fourier/project.py), the real reference and mask (n³ float32);
 - per rank: one batch of ``image_batch_size`` images (real images, transforms and
   CTFs, twice for temporaries) and the pose search's working arrays with alignment
-  at Nyquist (the finest level's projection tables for a chunk of particles, which
-  the search keeps within 1 GiB; a level-1 projection cache, kept only when it fits
-  in 512 MiB and a batch needs several chunks; the global grid's tables; 32 MiB of
-  scoring blocks);
+  at Nyquist, as :func:`mpirefine.search.working_bytes` counts them (a chunk's data
+  at the search frequencies, the first level's projection cache when it fits in
+  512 MiB, the global grid's tables, the scoring blocks);
 - half roots (world ranks 0 and 1; rank 0 alone on one rank): reconstruction
   temporaries, about three accumulators (Hermitian copies, regulariser, quotient),
   one half at a time, and both half maps on the host;
@@ -34,11 +33,6 @@ import math
 import numpy as np
 
 MiB = 2 ** 20
-SEARCH_CHUNK_CAP_BYTES = 1024 * MiB     # SearchParams.max_chunk_MB
-SEARCH_CACHE_CAP_BYTES = 512 * MiB      # the level-1 projection cache is kept below this
-SEARCH_BLOCK_BYTES = 32 * MiB           # scoring temporaries per block
-COARSE_GRID_ROTATIONS = 4392            # SO(3) grid at the 15° coarse step
-CHILDREN_PER_KEPT = 18 * 8              # 18 children for each of n_keep = 8 rotations
 TYPICAL_LEVELS = 4                      # subdivisions from 15° to the 1–2° of high resolution
 RESULT_BYTES_PER_PARTICLE = 9 * 8 + 2 * 8 + 8 + 8 + 1
 BASELINE_HOST_BYTES = 200 * MiB         # a rank's interpreter, NumPy/SciPy and MPI (measured)
@@ -49,17 +43,19 @@ def _half_plane_pixels(radius_px: float) -> int:
 
 
 def search_bytes(box: int, image_batch_size: int) -> int:
-    """Pose-search working arrays with alignment at Nyquist (mirrors search.py's budget)."""
+    """Pose-search working arrays with alignment at Nyquist (the search's own count)."""
+    from mpirefine.geometry.grids import so3_grid
+    from mpirefine.search import SearchParams, working_bytes
+    from mpirefine.search_plan import COARSE_STEP_DEG
+
     radius = box // 2 - 1
     coarse = min(radius, max(6.0, 0.4 * radius))
-    level1 = coarse * (radius / coarse) ** (1 / TYPICAL_LEVELS)
-    per_particle = 12 * (CHILDREN_PER_KEPT + 1) * _half_plane_pixels(radius) + 4096
-    chunk = int(max(1, min(image_batch_size, SEARCH_CHUNK_CAP_BYTES // per_particle)))
-    cache = 12 * 18 * COARSE_GRID_ROTATIONS * _half_plane_pixels(level1)
-    if chunk >= image_batch_size or cache > SEARCH_CACHE_CAP_BYTES:
-        cache = 0      # the search keeps no cache then
-    tables = 12 * COARSE_GRID_ROTATIONS * _half_plane_pixels(coarse)
-    return chunk * per_particle + cache + tables + SEARCH_BLOCK_BYTES
+    params = SearchParams(coarse_step_deg=COARSE_STEP_DEG,
+                          final_step_deg=COARSE_STEP_DEG / 2 ** TYPICAL_LEVELS,
+                          coarse_radius_px=coarse, final_radius_px=radius,
+                          chunk_size=image_batch_size)
+    n_freq = [_half_plane_pixels(r) for r in params.level_radii_px()]
+    return sum(working_bytes(params, len(so3_grid(COARSE_STEP_DEG)), n_freq).values())
 
 
 def component_bytes(box: int, image_batch_size: int) -> dict:
