@@ -268,12 +268,12 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
                         out.cand_shift if M else None, stats)
 
 
-def _project(vft, rotations, kx, ky, stats):
+def _project(vft, rotations, kx, ky, stats, out=None, rows=None):
     """Scoring tables (stacked (R, 2K), power (R, K)) of the projections at ``rotations``
-    (:func:`~mpirefine.fourier.project.projection_tables`)."""
+    (:func:`~mpirefine.fourier.project.projection_tables`; into rows of ``out``)."""
     t0 = time.perf_counter()
     rotations = np.asarray(rotations)
-    tables = projection_tables(vft, rotations, kx, ky)
+    tables = projection_tables(vft, rotations, kx, ky, out, rows)
     stats.projection_samples += len(rotations) * kx.shape[0]
     stats.seconds["project"] += time.perf_counter() - t0
     return tables
@@ -413,10 +413,8 @@ class _CachedRows:
         missing = ~cache.filled[unique]
         if missing.any():
             flat = poses.rotations.reshape(-1, 3, 3)
-            stacked, power = _project(vft, flat[first[missing]], kx, ky, stats)
-            where = xp.asarray(unique[missing])
-            cache.stacked[where] = stacked
-            cache.power[where] = power
+            _project(vft, flat[first[missing]], kx, ky, stats,
+                     out=(cache.stacked, cache.power), rows=unique[missing])
             cache.filled[unique[missing]] = True
         self.cache, self.keys, self.xp = cache, poses.keys, xp
 

@@ -247,6 +247,15 @@ def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
     np.testing.assert_allclose(fast_slices, slices, atol=2e-6 * scale)
     generic = projection_tables(vft, rot, kx, ky)
     np.testing.assert_allclose(generic[0], ref_stacked, atol=1e-7 * scale)
+    # written into given rows of a larger table (the search's first-level cache), both paths
+    rows = np.random.default_rng(1).permutation(2 * len(rot))[:len(rot)]
+    for jit in ("0", "1"):
+        monkeypatch.setenv("MPIREFINE_JIT", jit)
+        out = (np.zeros((2 * len(rot), 2 * len(kx)), np.float32), np.zeros((2 * len(rot), len(kx)), np.float32))
+        projection_tables(vft, rot, kx, ky, out=out, rows=rows)
+        np.testing.assert_allclose(out[0][rows], ref_stacked, atol=2e-6 * scale)
+        np.testing.assert_allclose(out[1][rows], ref_power, atol=4e-6 * scale ** 2)
+        assert not np.delete(out[0], rows, axis=0).any()
 
 
 def test_search_is_the_same_with_and_without_the_compiled_kernel(vft, clean, monkeypatch):

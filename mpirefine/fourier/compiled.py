@@ -2,10 +2,10 @@
 
 The pose search extracts tens of millions of central-slice samples per iteration (the
 fine levels' per-particle projections).  In NumPy each trilinear sample costs some
-thirty passes over temporaries; this kernel (Numba) computes a sample in one go and
-walks each group of consecutive rotations frequency by frequency, so that nearby
-rotations (a kept pose's children) read the same cache lines; groups run in
-parallel on this rank's share of the cores.  It writes the scoring tables directly:
+thirty passes over temporaries; this kernel (Numba) computes a rotation's samples in
+two passes: the corners and fractions of every frequency (vectorised by the
+compiler), then the gathers and weighted sums.  Groups of rotations run in parallel
+on this rank's share of the cores.  It writes the scoring tables directly:
 [Re P, Im P] stacked along the frequencies, and |P|².  Backprojection's scatter
 (:func:`insert_slices`) is compiled likewise, on one thread.
 
@@ -27,7 +27,7 @@ try:
 except ImportError:  # the array-namespace code serves instead
     numba = None
 
-_GROUP = 32  # rotations walked together, frequency by frequency
+_GROUP = 16  # rotations per parallel work item
 _kernels: dict = {}
 _failed = False
 
@@ -44,10 +44,12 @@ def kernel_name(xp) -> str:
     return "numba" if enabled(xp) else "array"
 
 
-def projection_tables(vft, rotations, kx, ky):
+def projection_tables(vft, rotations, kx, ky, out=None, rows=None):
     """(stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²) of the
     central slices at ``rotations`` (R, 3, 3) and frequencies ``kx``, ``ky`` (K,)
-    (cycles per box of the unpadded images); NumPy arrays only."""
+    (cycles per box of the unpadded images); NumPy arrays only.  With ``out`` (a
+    (stacked, power) pair of C-contiguous arrays) and ``rows`` (R,), rotation r is
+    written into row rows[r] of ``out`` instead, which is returned."""
     kernel = _get_kernel("slices")
     rotations = np.ascontiguousarray(rotations, dtype=np.float32)
     kx = np.ascontiguousarray(kx, dtype=np.float32)
@@ -55,11 +57,11 @@ def projection_tables(vft, rotations, kx, ky):
     R, K = rotations.shape[0], kx.shape[0]
     P, nx = vft.size, vft.data.shape[2]
     table = vft.gather_table().view(np.float32).reshape(P + 4, P + 4, 2 * (nx + 2))
-    stacked = np.empty((R, 2 * K), np.float32)
-    power = np.empty((R, K), np.float32)
+    if out is None:
+        out, rows = (np.empty((R, 2 * K), np.float32), np.empty((R, K), np.float32)), np.arange(R)
     kernel(table, rotations, kx, ky, np.float32(vft.pad), np.float32(P // 2 + 1),
-           np.float32(nx), np.float32(P + 2), _GROUP, stacked, power)
-    return stacked, power
+           np.float32(nx), np.float32(P + 2), _GROUP, np.asarray(rows, np.int64), *out)
+    return out
 
 
 def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky) -> None:
@@ -106,43 +108,59 @@ def _threads(available: int) -> int:
     return max(1, min(available, wanted))
 
 
-def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, stacked, power):
+def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, power):
     """Trilinear samples of the framed half-space table (z, y, [re, im] × x).
 
     Frame coordinates: x from 0 (clipped to xmax = nx), y and z shifted by ``half``
     (P / 2 + 1, the leading zero plane) and clipped to [0, ymax = P + 2]; a point with
-    x < 0 is read at -q and conjugated.
+    x < 0 is read at -q and conjugated; rotation r goes to row rows[r] of the
+    outputs.  Two passes per rotation: the corner indices
+    and fractions of every frequency (no memory gathers, so the compiler vectorises
+    it), then the gathers and weighted sums.
     """
     R, K = rot.shape[0], kx.shape[0]
+    sy = table.shape[2]
+    sz = table.shape[1] * sy
+    flat = table.reshape(-1)
     zero, one = np.float32(0), np.float32(1)
+    px, py = kx * pad, ky * pad
     for g in numba.prange((R + group - 1) // group):
-        g0 = g * group
-        g1 = min(R, g0 + group)
-        for k in range(K):
-            px, py = kx[k] * pad, ky[k] * pad
-            for r in range(g0, g1):
-                x = rot[r, 0, 0] * px + rot[r, 1, 0] * py
-                y = rot[r, 0, 1] * px + rot[r, 1, 1] * py
-                z = rot[r, 0, 2] * px + rot[r, 1, 2] * py
+        corner = np.empty(K, np.int64)
+        fx, fy, fz = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float32)
+        sign = np.empty(K, np.float32)
+        for r in range(g * group, min(R, (g + 1) * group)):
+            a00, a10 = rot[r, 0, 0], rot[r, 1, 0]
+            a01, a11 = rot[r, 0, 1], rot[r, 1, 1]
+            a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
+            row = rows[r]
+            for k in range(K):
+                x = a00 * px[k] + a10 * py[k]
+                y = a01 * px[k] + a11 * py[k]
+                z = a02 * px[k] + a12 * py[k]
                 s = one if x >= zero else -one
                 x = min(x * s, xmax)
                 y = min(max(y * s + half, zero), ymax)
                 z = min(max(z * s + half, zero), ymax)
                 xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
-                i, j, m = 2 * int(xf), int(yf), int(zf)
-                fx, fy, fz = x - xf, y - yf, z - zf
-                gx, gy, gz = one - fx, one - fy, one - fz
-                w0, w1, w2, w3 = gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx
-                w4, w5, w6, w7 = fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx
-                a, b = table[m, j], table[m, j + 1]
-                c, d = table[m + 1, j], table[m + 1, j + 1]
-                re = (w0 * a[i] + w1 * a[i + 2] + w2 * b[i] + w3 * b[i + 2]
-                      + w4 * c[i] + w5 * c[i + 2] + w6 * d[i] + w7 * d[i + 2])
-                im = (w0 * a[i + 1] + w1 * a[i + 3] + w2 * b[i + 1] + w3 * b[i + 3]
-                      + w4 * c[i + 1] + w5 * c[i + 3] + w6 * d[i + 1] + w7 * d[i + 3]) * s
-                stacked[r, k] = re
-                stacked[r, K + k] = im
-                power[r, k] = re * re + im * im
+                corner[k] = np.int64(zf) * sz + np.int64(yf) * sy + 2 * np.int64(xf)
+                fx[k], fy[k], fz[k], sign[k] = x - xf, y - yf, z - zf, s
+            for k in range(K):
+                a = corner[k]
+                b, c = a + sy, a + sz
+                d = c + sy
+                gx, gy, gz = one - fx[k], one - fy[k], one - fz[k]
+                w0, w1 = gz * gy * gx, gz * gy * fx[k]
+                w2, w3 = gz * fy[k] * gx, gz * fy[k] * fx[k]
+                w4, w5 = fz[k] * gy * gx, fz[k] * gy * fx[k]
+                w6, w7 = fz[k] * fy[k] * gx, fz[k] * fy[k] * fx[k]
+                re = (w0 * flat[a] + w1 * flat[a + 2] + w2 * flat[b] + w3 * flat[b + 2]
+                      + w4 * flat[c] + w5 * flat[c + 2] + w6 * flat[d] + w7 * flat[d + 2])
+                im = (w0 * flat[a + 1] + w1 * flat[a + 3] + w2 * flat[b + 1] + w3 * flat[b + 3]
+                      + w4 * flat[c + 1] + w5 * flat[c + 3] + w6 * flat[d + 1]
+                      + w7 * flat[d + 3]) * sign[k]
+                stacked[row, k] = re
+                stacked[row, K + k] = im
+                power[row, k] = re * re + im * im
 
 
 def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):

@@ -183,11 +183,12 @@ def _extract_block(vft: VolumeFT, rotations, kx, ky):
     return xp.where(flip, xp.conj(out), out)
 
 
-def projection_tables(vft: VolumeFT, rotations, kx, ky):
+def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     """The pose search's scoring tables of the slices at ``rotations`` (R, 3, 3):
     (stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²), as
     :func:`mpirefine.likelihood.prepare_projections` makes them from
-    :func:`extract_slices`.
+    :func:`extract_slices`.  With ``out`` (a (stacked, power) pair) and ``rows``
+    (R,), rotation r's tables go into row rows[r] of ``out`` (returned) instead.
 
     NumPy arrays go through the compiled kernel of :mod:`mpirefine.fourier.compiled`
     when Numba is installed; otherwise (CuPy, or ``MPIREFINE_JIT=0``) the tables are
@@ -198,14 +199,16 @@ def projection_tables(vft: VolumeFT, rotations, kx, ky):
     from mpirefine.likelihood import prepare_projections
 
     xp = array_namespace(vft.data)
-    if compiled.enabled(xp):
-        return compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
+    if compiled.enabled(xp) and (out is None or all(a.flags.c_contiguous for a in out)):
+        return compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky),
+                                          out, None if rows is None else to_numpy(rows))
     R, K = rotations.shape[0], kx.shape[0]
-    stacked = xp.empty((R, 2 * K), xp.float32)
-    power = xp.empty((R, K), xp.float32)
+    if out is None:
+        out, rows = (xp.empty((R, 2 * K), xp.float32), xp.empty((R, K), xp.float32)), None
     for blk in rotation_blocks(R, K):
-        stacked[blk], power[blk] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
-    return stacked, power
+        where = blk if rows is None else xp.asarray(rows[blk])
+        out[0][where], out[1][where] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
+    return out
 
 
 def project_transforms(vft: VolumeFT, rotations):
