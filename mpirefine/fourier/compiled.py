@@ -166,38 +166,47 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, pow
 def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
     """Scatter of :func:`insert_slices`: data (P, P, 2 (P / 2 + 1)) float64 [re, im]
     pairs, weight (P, P, P / 2 + 1) float64; the stencil of
-    :func:`mpirefine.fourier.project.trilinear_stencil`."""
+    :func:`mpirefine.fourier.project.trilinear_stencil`.  As in :func:`_slices`, the
+    corners and fractions of a rotation's frequencies come first (vectorised), then
+    the scatter."""
     P, nx = weight.shape[0], weight.shape[2]
     half = P // 2
     R, K = rot.shape[0], kx.shape[0]
     zero, one = np.float32(0), np.float32(1)
+    px, py = kx * pad, ky * pad
+    x0, y0, z0 = np.empty(K, np.int64), np.empty(K, np.int64), np.empty(K, np.int64)
+    fx, fy, fz = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float32)
+    sign = np.empty(K, np.float32)
     for r in range(R):
+        a00, a10 = rot[r, 0, 0], rot[r, 1, 0]
+        a01, a11 = rot[r, 0, 1], rot[r, 1, 1]
+        a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
         for k in range(K):
-            px, py = kx[k] * pad, ky[k] * pad
-            x = rot[r, 0, 0] * px + rot[r, 1, 0] * py
-            y = rot[r, 0, 1] * px + rot[r, 1, 1] * py
-            z = rot[r, 0, 2] * px + rot[r, 1, 2] * py
+            x = a00 * px[k] + a10 * py[k]
+            y = a01 * px[k] + a11 * py[k]
+            z = a02 * px[k] + a12 * py[k]
             s = one if x >= zero else -one
             x, y, z = x * s, y * s, z * s
             xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
-            x0, y0, z0 = int(xf), int(yf) + half, int(zf) + half
-            fx, fy, fz = x - xf, y - yf, z - zf
-            re, im, w = vre[r, k], vim[r, k] * s, vw[r, k]
+            x0[k], y0[k], z0[k] = np.int64(xf), np.int64(yf) + half, np.int64(zf) + half
+            fx[k], fy[k], fz[k], sign[k] = x - xf, y - yf, z - zf, s
+        for k in range(K):
+            re, im, w = vre[r, k], vim[r, k] * sign[k], vw[r, k]
             for dz in range(2):
-                iz = z0 + dz
+                iz = z0[k] + dz
                 if iz < 0 or iz >= P:
                     continue
-                wz = fz if dz else one - fz
+                wz = fz[k] if dz else one - fz[k]
                 for dy in range(2):
-                    iy = y0 + dy
+                    iy = y0[k] + dy
                     if iy < 0 or iy >= P:
                         continue
-                    wzy = wz * (fy if dy else one - fy)
+                    wzy = wz * (fy[k] if dy else one - fy[k])
                     for dx in range(2):
-                        ix = x0 + dx
+                        ix = x0[k] + dx
                         if ix >= nx:
                             continue
-                        c = wzy * (fx if dx else one - fx)
+                        c = wzy * (fx[k] if dx else one - fx[k])
                         data[iz, iy, 2 * ix] += c * re
                         data[iz, iy, 2 * ix + 1] += c * im
                         weight[iz, iy, ix] += c * w
