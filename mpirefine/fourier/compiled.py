@@ -12,8 +12,8 @@ on this rank's share of the cores.  It writes the scoring tables directly:
 They are the same operators as :func:`mpirefine.fourier.project.extract_slices` and
 :meth:`mpirefine.fourier.backproject.Accumulator.insert` (same stencil, clipping and
 Hermitian flip; the tests compare them), used only for NumPy arrays when Numba
-imports.  CuPy arrays, and NumPy ones with
-``MPIREFINE_JIT=0`` in the environment, take the array-namespace code instead.
+imports.  CuPy arrays, and NumPy ones with ``MPIREFINE_JIT=0`` in the environment,
+take the array-namespace code instead.
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, pow
     Frame coordinates: x from 0 (clipped to xmax = nx), y and z shifted by ``half``
     (P / 2 + 1, the leading zero plane) and clipped to [0, ymax = P + 2]; a point with
     x < 0 is read at -q and conjugated; rotation r goes to row rows[r] of the
-    outputs.  Two passes per rotation: the corner indices
-    and fractions of every frequency (no memory gathers, so the compiler vectorises
-    it), then the gathers and weighted sums.
+    outputs.  Two passes per rotation: the corner indices and fractions of every
+    frequency (no memory gathers, so the compiler vectorises it), then the gathers
+    and weighted sums.
     """
     R, K = rot.shape[0], kx.shape[0]
     sy = table.shape[2]
