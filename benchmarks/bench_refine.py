@@ -146,20 +146,16 @@ def machine_info(cores: int, mpiexec: str) -> dict:
 
 
 def machine_gemm_rate(threads: int) -> float | None:
-    """Single-precision GEMM FLOP/s of one process with ``threads`` BLAS threads (median
-    of 7 square 2048 products, in a subprocess so the thread count takes effect)."""
-    code = ("import numpy as np, time, statistics\n"
-            "a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)\n"
-            "a @ a\n"
-            "t = []\n"
-            "for _ in range(7):\n"
-            "    s = time.perf_counter(); a @ a; t.append(time.perf_counter() - s)\n"
-            "print(2 * 2048 ** 3 / statistics.median(t))\n")
+    """Single-precision GEMM FLOP/s of one process with ``threads`` BLAS threads:
+    bench_search.py's measurement, in a subprocess so that the thread count takes
+    effect."""
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); "
+            "from bench_search import _gemm_rate; print(_gemm_rate(np, lambda: None))")
     env = dict(os.environ, **{v: str(threads) for v in
                               ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     try:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=300, check=True).stdout
+        out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                             env=env, capture_output=True, text=True, timeout=300, check=True).stdout
         return float(out.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None

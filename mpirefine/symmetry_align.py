@@ -1,4 +1,5 @@
-"""Symmetry alignment: turn and shift an input map so that its axes lie on ours.
+"""Symmetry alignment: turn and shift an input map so that its axes lie on ours (host
+NumPy, rank 0, once before the first iteration).
 
 Refinement with a point group assumes the map's symmetry axes sit on the convention
 axes (geometry/symmetry.py) through the box centre.  An input map from elsewhere

@@ -29,7 +29,6 @@ except ImportError:  # the array-namespace code serves instead
 
 _GROUP = 16  # rotations per parallel work item
 _kernels: dict = {}
-_failed = False
 
 
 def enabled(xp) -> bool:
@@ -83,11 +82,7 @@ def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky) ->
 
 
 def _get_kernel(name: str):
-    global _failed
-    if not _kernels and not _failed:
-        if numba is None:
-            _failed = True
-            return None
+    if not _kernels and numba is not None:
         for key, func, parallel in (("slices", _slices, True), ("insert", _insert, False)):
             options = dict(parallel=parallel, fastmath=True, boundscheck=False)
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpirefine.backend import array_namespace, to_numpy
+from mpirefine.fourier import compiled
 from mpirefine.fourier.transforms import (
     centered_irfft2,
     centered_rfft3,
@@ -18,6 +19,7 @@ from mpirefine.fourier.transforms import (
     pad_volume,
     phase_shift_2d,
 )
+from mpirefine.likelihood import prepare_projections
 
 
 @dataclass
@@ -127,8 +129,6 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     the zero frame of :meth:`VolumeFT.gather_table` replaces per-corner bounds checks.
     NumPy arrays go through the compiled kernel when Numba is installed.
     """
-    from mpirefine.fourier import compiled
-
     xp = array_namespace(vft.data)
     if compiled.enabled(xp):
         stacked, _ = compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
@@ -195,9 +195,6 @@ def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     built block by block, so that each block's slices are still in cache when they are
     stacked.
     """
-    from mpirefine.fourier import compiled
-    from mpirefine.likelihood import prepare_projections
-
     xp = array_namespace(vft.data)
     if compiled.enabled(xp) and (out is None or all(a.flags.c_contiguous for a in out)):
         return compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky),
