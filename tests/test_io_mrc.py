@@ -9,8 +9,6 @@ import pytest
 from mpirefine.errors import InputError
 from mpirefine.io import open_stack, read_volume, stack_info, write_mrc, write_stack
 
-DATA = "/work/shared/data/relion_projected"
-
 
 def test_volume_round_trip(tmp_path):
     rng = np.random.default_rng(0)
@@ -38,8 +36,9 @@ def test_volume_is_indexed_zyx(tmp_path):
     assert read_volume(tmp_path / "v.mrc")[0][1, 2, 3] == 1.0
 
 
-def test_read_real_map():
-    vol, apix = read_volume(f"{DATA}/ferritin_chainA.mrc")
+@pytest.mark.shipped_data
+def test_read_real_map(relion_projected):
+    vol, apix = read_volume(relion_projected / "ferritin_chainA.mrc")
     assert vol.shape == (48, 48, 48) and vol.dtype == np.float32
     assert apix == pytest.approx(2.0)
 

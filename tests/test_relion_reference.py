@@ -1,5 +1,5 @@
-"""Against RELION itself: particles that relion_project made and maps that
-relion_reconstruct made from them (RELION 5.0.1, see the data set's README.md).
+"""Against RELION itself: particles that relion_project made (RELION 5.0.1) and maps
+that relion_reconstruct made from them (RELION 3.1.3), see the data set's README.md.
 
 These pin our conventions to a program we did not write:
 
@@ -10,15 +10,14 @@ These pin our conventions to a program we did not write:
   against the truth as RELION's recon_noisy.mrc / recon_clean.mrc, and close to them;
 - CryoSPARC: the same particles written as a .cs must give the same map.
 
-The data live beside the clone (../shared/data/relion_projected, as in CI) or under
-$MPIREFINE_SHARED_DATA (the shared data folder, or relion_projected itself).  Without
-them the tests are skipped.
+The data ship in tests/data/relion_projected (the first 200 of RELION's 400 particles;
+its README.md says which program made each file); the ``relion_projected`` fixture in
+conftest.py finds them, and a missing file fails the tests.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,29 +32,15 @@ from mpirefine.io import ImageSource, read_particles, read_volume, write_cs
 from mpirefine.physics.ctf import evaluate_ctf
 
 REPO = Path(__file__).resolve().parents[1]
-NAME = "relion_projected"
-FILES = ("ferritin_chainA.mrc", "clean.star", "clean.mrcs", "noisy.star", "noisy.mrcs",
-         "recon_clean.mrc", "recon_noisy.mrc")
+N_PARTICLES = 200               # kept of RELION's 400 (tests/data/relion_projected/README.md)
+
+pytestmark = pytest.mark.shipped_data
 
 
-def _data_dir() -> Path | None:
-    candidates = []
-    env = os.environ.get("MPIREFINE_SHARED_DATA")
-    if env:
-        root = Path(env)
-        candidates += [root, root / NAME, root / "data" / NAME]
-    candidates.append(REPO.parent / "shared" / "data" / NAME)
-    for folder in candidates:
-        if all((folder / f).is_file() for f in FILES):
-            return folder
-    return None
-
-
-DATA = _data_dir()
-pytestmark = pytest.mark.skipif(
-    DATA is None,
-    reason=f"RELION reference data ({NAME}/) not found: looked in "
-           f"{REPO.parent / 'shared' / 'data' / NAME} and $MPIREFINE_SHARED_DATA")
+@pytest.fixture(scope="module")
+def data_dir(relion_projected) -> Path:
+    """tests/data/relion_projected (conftest.py)."""
+    return relion_projected
 
 
 def corr_rows(a, b) -> np.ndarray:
@@ -77,19 +62,19 @@ def reconstruct_cli(particles: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def truth():
-    vol, px = read_volume(DATA / "ferritin_chainA.mrc")
+def truth(data_dir):
+    vol, px = read_volume(data_dir / "ferritin_chainA.mrc")
     return vol, px
 
 
 @pytest.fixture(scope="module")
-def noisy_out(tmp_path_factory):
-    return reconstruct_cli(DATA / "noisy.star", tmp_path_factory.mktemp("noisy") / "out")
+def noisy_out(data_dir, tmp_path_factory):
+    return reconstruct_cli(data_dir / "noisy.star", tmp_path_factory.mktemp("noisy") / "out")
 
 
 @pytest.fixture(scope="module")
-def clean_out(tmp_path_factory):
-    return reconstruct_cli(DATA / "clean.star", tmp_path_factory.mktemp("clean") / "out")
+def clean_out(data_dir, tmp_path_factory):
+    return reconstruct_cli(data_dir / "clean.star", tmp_path_factory.mktemp("clean") / "out")
 
 
 def vol(path):
@@ -104,10 +89,10 @@ def describe(curve, px) -> str:
 # ------------------------------------------------------------------------- projection
 
 @pytest.fixture(scope="module")
-def projection_setup(truth):
+def projection_setup(data_dir, truth):
     vol_, px = truth
-    ps = read_particles(DATA / "clean.star")
-    assert len(ps) == 400 and ps.box == vol_.shape[0] and ps.pixel_size_A == px
+    ps = read_particles(data_dir / "clean.star")
+    assert len(ps) == N_PARTICLES and ps.box == vol_.shape[0] and ps.pixel_size_A == px
     with ImageSource(ps) as source:
         relion = source.images(np.arange(len(ps)))
     n = ps.box
@@ -140,7 +125,8 @@ def test_flipped_conventions_break_the_match(projection_setup):
     c_origin = corr_rows(ours(origin_sign=-1.0), relion)
     # a flip only matters where the origin is not ~0: look at |origin| >= 1 px
     moved = np.hypot(*ps.shifts_A.T) / px >= 1.0
-    assert moved.sum() > 200
+    # more than half of the particles (was "> 200" of 400; measured 327/400, 155/200)
+    assert moved.sum() > len(ps) // 2
     assert np.median(c_origin) < 0.9, f"origin flipped: median {np.median(c_origin):.3f}"
     assert c_origin[moved].max() < 0.9, \
         f"origin flipped, |origin| >= 1 px: max {c_origin[moved].max():.3f}"
@@ -152,18 +138,20 @@ def test_flipped_conventions_break_the_match(projection_setup):
 
 # --------------------------------------------------------------------- reconstruction
 
-def test_noisy_reconstruction_matches_relion_reconstruct(noisy_out, truth):
+def test_noisy_reconstruction_matches_relion_reconstruct(data_dir, noisy_out, truth):
     """map_unfil.mrc (all particles, unregularised: what relion_reconstruct makes)
     reaches FSC 0.5 against the truth within one shell of recon_noisy.mrc, and agrees
     with recon_noisy.mrc itself to FSC >= 0.9 out to 8 Å."""
     t, px = truth
     n = t.shape[0]
-    relion = vol(DATA / "recon_noisy.mrc")
+    relion = vol(data_dir / "recon_noisy.mrc")
     ours = vol(noisy_out / "map_unfil.mrc")
     f_relion = fsc_curve(relion, t)
     f_ours = fsc_curve(ours, t)
     s_relion, s_ours = crossing_shell(f_relion, 0.5), crossing_shell(f_ours, 0.5)
-    assert abs(resolution_A(f_relion, n, px, 0.5) - 7.4) < 0.3   # README's figure for RELION
+    # README's figure for RELION 3.1.3 on the 200 shipped particles: 7.93 Å (RELION
+    # 5.0.1's map of all 400 particles reached 7.40 Å, and so did RELION 3.1.3's)
+    assert abs(resolution_A(f_relion, n, px, 0.5) - 7.9) < 0.3
     assert abs(s_ours - s_relion) <= 1.0, (
         f"FSC 0.5 vs truth: ours shell {s_ours:.2f} ({n * px / s_ours:.2f} Å), RELION "
         f"shell {s_relion:.2f} ({n * px / s_relion:.2f} Å)\nours: {describe(f_ours, px)}\n"
@@ -173,38 +161,52 @@ def test_noisy_reconstruction_matches_relion_reconstruct(noisy_out, truth):
     assert np.all(f_pair[to_8A] >= 0.9), f"ours vs recon_noisy.mrc: {describe(f_pair, px)}"
 
 
-def test_noisy_gold_standard_map_and_resolution(noisy_out, truth):
+def test_noisy_gold_standard_map_and_resolution(data_dir, noisy_out, truth):
     """map.mrc (FSC-weighted average of the half maps) crosses 0.5 against the truth
-    within one shell of RELION's map, and the GSFSC resolution is sensible."""
+    within one shell of where the half maps' FSC crosses 0.143 (Rosenthal & Henderson:
+    FSC_true = sqrt(2 FSC / (1 + FSC)) = 0.5 there), not far below RELION's map of all
+    the particles, and the GSFSC resolution is sensible."""
     t, px = truth
-    f_relion = fsc_curve(vol(DATA / "recon_noisy.mrc"), t)
+    n = t.shape[0]
+    f_relion = fsc_curve(vol(data_dir / "recon_noisy.mrc"), t)
     f_map = fsc_curve(vol(noisy_out / "map.mrc"), t)
     s_relion, s_map = crossing_shell(f_relion, 0.5), crossing_shell(f_map, 0.5)
-    assert abs(s_map - s_relion) <= 1.0, (
-        f"map.mrc FSC 0.5 vs truth at shell {s_map:.2f}, RELION at {s_relion:.2f}\n"
-        f"map.mrc: {describe(f_map, px)}")
     summary = json.loads((noisy_out / "summary.json").read_text())
     res = summary["resolution_A_0143"]
     assert np.isfinite(res) and 5.0 <= res <= 12.0, f"GSFSC resolution {res} Å"
+    s_gold = n * px / res
+    # Measured: 400 particles (RELION 5.0.1 map): s_map 12.05, s_gold 12.32, s_relion 12.97;
+    # the 200 shipped (RELION 3.1.3 map):         s_map 10.12, s_gold 10.37, s_relion 12.10.
+    assert abs(s_map - s_gold) <= 1.0, (
+        f"map.mrc FSC 0.5 vs truth at shell {s_map:.2f}, half-map FSC 0.143 at shell "
+        f"{s_gold:.2f} ({res:.2f} Å)\nmap.mrc: {describe(f_map, px)}")
+    # map.mrc averages two half maps of 100 particles each, filtered by their FSC; RELION's
+    # map is one unfiltered reconstruction of all 200, so map.mrc crosses lower, and the
+    # gap grows as the particles get fewer: it was "within 1 shell" with all 400 particles
+    # (gap 0.92), and is 1.98 with the 200 shipped.  2.5 shells keeps a broken half-map
+    # pipeline from passing; the relation to s_gold above is the tight check.
+    assert s_relion - 2.5 <= s_map <= s_relion + 1.0, (
+        f"map.mrc FSC 0.5 vs truth at shell {s_map:.2f}, RELION at {s_relion:.2f}\n"
+        f"map.mrc: {describe(f_map, px)}")
 
 
-def test_clean_reconstruction_matches_truth(clean_out, truth):
+def test_clean_reconstruction_matches_truth(data_dir, clean_out, truth):
     """Noise-free particles: FSC >= 0.9 against the truth up to 0.8 × Nyquist; RELION's
     recon_clean.mrc stays above 0.5 to Nyquist, and so must ours."""
     t, px = truth
     n = t.shape[0]
     f_ours = fsc_curve(vol(clean_out / "map_unfil.mrc"), t)
-    f_relion = fsc_curve(vol(DATA / "recon_clean.mrc"), t)
+    f_relion = fsc_curve(vol(data_dir / "recon_clean.mrc"), t)
     upto = int(np.floor(0.8 * (n // 2)))
     assert np.all(f_ours[: upto + 1] >= 0.9), f"ours vs truth: {describe(f_ours, px)}"
     assert crossing_shell(f_relion, 0.5) == n // 2        # RELION's claim in the README
     assert crossing_shell(f_ours, 0.5) == n // 2, f"ours vs truth: {describe(f_ours, px)}"
 
 
-def test_cryosparc_cs_gives_the_same_map(noisy_out, tmp_path):
+def test_cryosparc_cs_gives_the_same_map(data_dir, noisy_out, tmp_path):
     """noisy.star rewritten as a CryoSPARC .cs (pose rotvec, shift in px, CTF fields)
     reconstructs to the same map."""
-    ps = read_particles(DATA / "noisy.star")
+    ps = read_particles(data_dir / "noisy.star")
     cs = tmp_path / "noisy.cs"
     write_cs(cs, ps, None, ps.shifts_A, ps.split, ps.scale)
     out = reconstruct_cli(cs, tmp_path / "out")

@@ -18,7 +18,6 @@ from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 from mpirefine.simulate import clean_images, simulate_dataset
 
 BOX, PIXEL, N = 32, 4.5, 300
-RELION = "/work/shared/data/relion_projected"
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +138,12 @@ def test_bad_parameters(volume, tmp_path):
         simulate(volume, tmp_path / "full")
 
 
-@pytest.mark.skipif(not os.path.isdir(RELION), reason="RELION reference data not present")
-def test_clean_images_match_relion_project():
-    """relion_project --ctf made clean.mrcs from ferritin_chainA.mrc: our images at the
-    same poses and CTFs must match it (conventions: Euler, origin sign, CTF)."""
+@pytest.mark.shipped_data
+def test_clean_images_match_relion_project(relion_projected):
+    """relion_project --ctf made clean.mrcs from ferritin_chainA.mrc (tests/data/
+    relion_projected): our images at the same poses and CTFs must match it
+    (conventions: Euler, origin sign, CTF)."""
+    RELION = relion_projected
     with mrcfile.open(f"{RELION}/ferritin_chainA.mrc") as mrc:
         truth, pixel = np.array(mrc.data), float(mrc.voxel_size.x)
     star = starfile.read(f"{RELION}/clean.star")
