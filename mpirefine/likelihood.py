@@ -1,6 +1,6 @@
 """Gaussian log-likelihood of particle images against projections, as dense products.
 
-For particle b, rotation r and shift t (design.md §4), up to terms constant in the pose,
+For particle b, rotation r and shift t (docs/architecture.md §4), up to terms constant in the pose,
 
     L(b, r, t) = a_b · G(b, t, r) − ½ a_b² · H(b, r)
     G(b, t, r) = Re Σ_k w_k C_bk X_bk S_tk conj(P_rk)

@@ -16,14 +16,16 @@ The scheme follows cryoDRGN's ``pose_search``:
 - the last level gives the best pose, its log-likelihood and the optimal scale, and
   (``marginalize``) posterior weights over the best ``n_posterior`` poses.
 
-The first refinement level's children form a fixed set (18 per grid point) that many
-particles draw from: their projections are extracted once per search and cached.
-Deeper levels' children are each particle's own (two particles almost never keep
-the same cell), so they are extracted block by block, where they are scored.
-Scoring runs over blocks of particles whose temporaries stay near 32 MB.  Poses come
-back as NumPy arrays on the host; the arithmetic runs in the namespace of
-``vft.data`` (NumPy or CuPy), the projections through
-:func:`~mpirefine.fourier.project.projection_tables`.
+Each level scores block by block, and each block takes its projection tables from
+the level's table source (an object with ``rows(blk)``): level 0 the global grid's
+tables, shared by every particle (:class:`_SharedTables`); level 1 rows of a cache,
+since the first level's children form a fixed set (18 per grid point) that many
+particles draw from, so each is extracted once per search (:class:`_CachedRows`);
+deeper levels each block's own children, extracted where they are scored, since two
+particles almost never keep the same cell (:class:`_ProjectedRows`).  Blocks are
+sized so that their scoring temporaries stay near 32 MB.  Poses come back as NumPy
+arrays on the host; the arithmetic runs in the namespace of ``vft.data`` (NumPy or
+CuPy), the projections through :func:`~mpirefine.fourier.project.projection_tables`.
 
 Sampling: level 0 only ranks the right cell among the top n_keep if its grids are fine
 enough for its cut-off r0: a shift error δ costs a phase 2π r0 δ / n and a rotation
@@ -55,7 +57,17 @@ from mpirefine.likelihood import (
     weighted_data,
 )
 
+# The memory model (bytes): what the search sizes its chunks, blocks and cache by, and
+# what working_bytes reports (mpirefine.report.memory).
+_MiB = 2 ** 20
 _BLOCK_BYTES = 32 << 20  # scoring temporaries per block: reused by the allocator, near cache
+_LIVE_BLOCKS = 3  # block-sized arrays held at once: a block's scores, likelihoods and tables
+_CHUNK_BYTES_PER_FREQ = 24  # a chunk's X, C, w C X and w C² at each search frequency
+_CHUNK_BYTES_PER_PARTICLE = 4096  # kept poses, children, shifts
+_TABLE_BYTES_PER_ENTRY = 12  # projection tables: float32 Re P, Im P and |P|² per rotation and frequency
+_SCORE_BYTES = 4  # a float32 score G per particle, shift and rotation
+_SHIFTED_BYTES_PER_FREQ = 24  # per particle, shift and frequency: the ramp S, w C X S, its stacked copy
+_CACHE_SHARE = 0.5  # the first level's projection cache is kept when it fits in this share of max_chunk_MB
 
 
 @dataclass(frozen=True)
@@ -137,8 +149,9 @@ class SearchResult:
     """Best pose per particle (host NumPy arrays).
 
     rotations (B, 3, 3) RELION matrices; shifts_px (B, 2) origins (rlnOriginX/Y in
-    pixels); log_likelihood (B,) at the best pose with the given scale; scale (B,) the
-    optimal scale a* = G / H at the best pose.  With marginalization: posterior (B, M)
+    pixels); log_likelihood (B,) at the best pose with the given scale (the profile
+    likelihood with fit_scale); optimal_scale (B,) the optimal scale a* = G / H at the
+    best pose.  With marginalization: posterior (B, M)
     weights (sum 1), candidate_rotations (B, M, 3, 3), candidate_shifts_px (B, M, 2),
     best first.
     """
@@ -146,12 +159,11 @@ class SearchResult:
     rotations: np.ndarray
     shifts_px: np.ndarray
     log_likelihood: np.ndarray
-    scale: np.ndarray
+    optimal_scale: np.ndarray
     posterior: np.ndarray | None = None
     candidate_rotations: np.ndarray | None = None
     candidate_shifts_px: np.ndarray | None = None
     stats: SearchStats = field(default_factory=SearchStats)
-
 
 
 @dataclass
@@ -199,73 +211,177 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
     vft, params and lattice, to share the global grid's projections and the first
     level's projection cache between calls (the EM loop searches chunk by chunk);
     grid_rotation, shift_offset_px and symmetry are then taken from it.
+
+    The particles are searched chunk by chunk (:func:`_chunk_size`), each chunk through
+    every level (:func:`_search_chunk`).
     """
     t_start = time.perf_counter()
-    xp = array_namespace(vft.data)
-    n, B = vft.n, images_ft.shape[0]
+    _check_inputs(vft, images_ft, ctf, params)
+    B = images_ft.shape[0]
+    scale = _particle_scales(scale, B)
+    stats = SearchStats()
+    reference = _reference_for(vft, params, reference, grid_rotation, shift_offset_px, symmetry)
+    weights = noise_weights(noise_var_shell, vft.n, reference.index)
+    out = _Outputs.empty(B, params.n_posterior if params.marginalize else 0)
+    step = _chunk_size(params, reference.n_freq[-1])
+    for start in range(0, B, step):
+        sl = slice(start, min(B, start + step))
+        chunk = _load_chunk(reference, images_ft, ctf, weights, scale, shift_center_px, sl)
+        _search_chunk(reference, chunk, params, out, start, stats)
+    stats.seconds["total"] = time.perf_counter() - t_start
+    return out.result(stats)
+
+
+def _check_inputs(vft, images_ft, ctf, params) -> None:
+    n = vft.n
     if tuple(images_ft.shape[1:]) != (n, n // 2 + 1):
         raise ValueError(f"images_ft must have shape (B, {n}, {n // 2 + 1}), got {images_ft.shape}")
     if ctf is not None and tuple(ctf.shape) != tuple(images_ft.shape):
         raise ValueError(f"ctf shape {ctf.shape} differs from images_ft shape {images_ft.shape}")
     if params.final_radius_px > n // 2 - 1:
         raise ValueError(f"final_radius_px {params.final_radius_px} exceeds the box's {n // 2 - 1}")
+
+
+def _particle_scales(scale, B) -> np.ndarray:
+    """The particles' scales as (B,) float64 (default 1), checked positive."""
     scale = np.ones(B) if scale is None else to_numpy(scale).astype(np.float64).reshape(B)
     if not np.all(scale > 0):
         raise ValueError("particle scales must be positive")
+    return scale
 
-    stats = SearchStats()
+
+def _reference_for(vft, params, reference, grid_rotation, shift_offset_px, symmetry):
+    """The given :class:`SearchReference`, checked against vft and params, or a new one."""
     if reference is None:
-        reference = prepare_reference(vft, params, grid_rotation, shift_offset_px, symmetry)
-    elif reference.vft is not vft or reference.params != params:
+        return prepare_reference(vft, params, grid_rotation, shift_offset_px, symmetry)
+    if reference.vft is not vft or reference.params != params:
         raise ValueError("the SearchReference was prepared for another reference or plan")
-    kx, ky, index = reference.kx, reference.ky, reference.index
-    n_freq, grid, shifts0, cache = reference.n_freq, reference.grid, reference.shifts0, reference.cache
-    weights = noise_weights(noise_var_shell, n, index)
-    tables0 = reference.level0_tables(stats)
-    chunk = _chunk_size(params, n_freq[-1])
+    return reference
 
-    M = params.n_posterior if params.marginalize else 0
-    out = _Outputs.empty(B, M)
-    for start in range(0, B, chunk):
-        sl = slice(start, min(B, start + chunk))
-        b = sl.stop - sl.start
-        X = xp.asarray(images_ft[sl]).reshape(b, -1)[:, index]
-        C = xp.ones(X.shape, xp.float32) if ctf is None else xp.asarray(ctf[sl]).reshape(b, -1)[:, index]
-        wcx, wc2 = weighted_data(X, C, weights)
-        a = xp.asarray(scale[sl], dtype=xp.float32)
-        shifts = shifts0[None] if shift_center_px is None else (
-            np.asarray(shift_center_px, float)[sl, None, :] + shifts0)
-        poses = _Poses(grid[None], np.arange(len(grid), dtype=np.int64)[None], shifts)
-        tables = tables0
-        for level in range(params.n_levels + 1):
-            K = n_freq[level]
-            if level:
-                poses = _children(kept, level, params, stats)
-                tables = _CachedRows(vft, cache, poses, kx[:K], ky[:K], stats) if (
-                    level == 1 and cache is not None) else None
-            last = level == params.n_levels
-            parts = []
-            for blk in _blocks(b, poses, K):
-                p = poses.rows(blk)
-                if level == 0:
-                    blk_tables = tables
-                elif tables is None:  # the block's own children: no sharing worth a table
-                    blk_tables = _project(vft, p.rotations.reshape(-1, 3, 3), kx[:K], ky[:K], stats)
-                    blk_tables = tuple(t.reshape(p.keys.shape + (-1,)) for t in blk_tables)
-                else:
-                    blk_tables = tables.rows(blk)
-                g, h = _score_block(wcx[blk, :K], wc2[blk, :K], p, blk_tables, kx[:K], ky[:K], n, stats)
-                score = _pose_score(a[blk], params.fit_scale)
-                if last:
-                    _finish(g, h, p, score, M, out, start + blk.start, stats)
-                else:
-                    parts.append(_keep_best(g, h, p, score, params.n_keep, stats))
-            if not last:
-                kept = tuple(np.concatenate(v, axis=0) for v in zip(*parts))
-    stats.seconds["total"] = time.perf_counter() - t_start
-    return SearchResult(out.rotations, out.shifts, out.loglik, out.scale,
-                        out.posterior if M else None, out.cand_rot if M else None,
-                        out.cand_shift if M else None, stats)
+
+@dataclass
+class _Chunk:
+    """One chunk's particles: w C X (b, K) and w C² (b, K) at the search frequencies and
+    the scales a (b,) float32, on the search's device; the level-0 shifts (1|b, T, 2)."""
+
+    wcx: object
+    wc2: object
+    scale: object
+    shifts: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.wcx.shape[0]
+
+
+def _load_chunk(reference, images_ft, ctf, weights, scale, shift_center_px, sl) -> _Chunk:
+    """The particles ``sl`` at the search frequencies (see :func:`search_poses`)."""
+    xp = array_namespace(reference.vft.data)
+    b, index = sl.stop - sl.start, reference.index
+    X = xp.asarray(images_ft[sl]).reshape(b, -1)[:, index]
+    C = xp.ones(X.shape, xp.float32) if ctf is None else xp.asarray(ctf[sl]).reshape(b, -1)[:, index]
+    wcx, wc2 = weighted_data(X, C, weights)
+    shifts0 = reference.shifts0
+    shifts = shifts0[None] if shift_center_px is None else (
+        np.asarray(shift_center_px, float)[sl, None, :] + shifts0)
+    return _Chunk(wcx, wc2, xp.asarray(scale[sl], dtype=xp.float32), shifts)
+
+
+def _search_chunk(reference, chunk: _Chunk, params, out, offset, stats) -> None:
+    """Every level for one chunk: level 0 scores the global grid; each level but the
+    last keeps every particle's n_keep best rotations, whose children the next level
+    scores; the last level's results go into ``out`` from row ``offset`` on."""
+    grid = reference.grid
+    poses = _Poses(grid[None], np.arange(len(grid), dtype=np.int64)[None], chunk.shifts)
+    for level in range(params.n_levels):
+        parts = [_keep_best(g, h, p, score, params.n_keep, stats)
+                 for _, p, g, h, score in _scored_blocks(reference, chunk, poses, level, params, stats)]
+        kept = tuple(np.concatenate(v, axis=0) for v in zip(*parts))
+        poses = _children(kept, level + 1, params, stats)
+    for blk, p, g, h, score in _scored_blocks(reference, chunk, poses, params.n_levels, params, stats):
+        _finish(g, h, p, score, out, offset + blk.start, stats)
+
+
+def _scored_blocks(reference, chunk: _Chunk, poses: _Poses, level, params, stats):
+    """Score one level's poses block by block (:func:`_blocks`), each block against the
+    tables its level's source gives (:func:`_table_source`); yields (block, the block's
+    poses, G (b, T, C), H (b, C), the pose score L(G, H))."""
+    K = reference.n_freq[level]
+    kx, ky = reference.kx[:K], reference.ky[:K]
+    tables = _table_source(reference, level, poses, K, stats)
+    for blk in _blocks(chunk.size, poses, K):
+        p = poses.rows(blk)
+        g, h = _score_block(chunk.wcx[blk, :K], chunk.wc2[blk, :K], p, tables.rows(blk), kx, ky,
+                            reference.vft.n, stats)
+        yield blk, p, g, h, _pose_score(chunk.scale[blk], params.fit_scale)
+
+
+def _table_source(reference, level, poses: _Poses, K, stats):
+    """Where one level's blocks get their projection tables (at the level's K frequencies)."""
+    kx, ky = reference.kx[:K], reference.ky[:K]
+    if level == 0:
+        return _SharedTables(reference.level0_tables(stats))
+    if level == 1 and reference.cache is not None:
+        return _CachedRows(reference.vft, reference.cache, poses, kx, ky, stats)
+    return _ProjectedRows(reference.vft, poses, kx, ky, stats)
+
+
+class _SharedTables:
+    """Level 0: the global grid's tables ((C, 2K), (C, K)), shared by every particle."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def rows(self, _blk: slice):
+        return self.tables
+
+
+class _ProjectedRows:
+    """Deeper levels (and level 1 without a cache): each block's own children,
+    projected when the block is scored, ((b, C, 2K), (b, C, K)).  Two particles almost
+    never keep the same cell, so no table is worth sharing."""
+
+    def __init__(self, vft, poses: _Poses, kx, ky, stats):
+        self.vft, self.poses, self.kx, self.ky, self.stats = vft, poses, kx, ky, stats
+
+    def rows(self, blk: slice):
+        p = self.poses.rows(blk)
+        tables = _project(self.vft, p.rotations.reshape(-1, 3, 3), self.kx, self.ky, self.stats)
+        return tuple(t.reshape(p.keys.shape + (-1,)) for t in tables)
+
+
+class _ProjectionCache:
+    """Projections of the first level's children, kept across chunks.
+
+    Their keys (grid index × 18 + child) form a fixed, finite set that every particle
+    draws from, so each is extracted once per search however many chunks there are.
+    """
+
+    def __init__(self, n_keys: int, n_freq: int, xp):
+        self.stacked = xp.zeros((n_keys, 2 * n_freq), dtype=xp.float32)
+        self.power = xp.zeros((n_keys, n_freq), dtype=xp.float32)
+        self.filled = np.zeros(n_keys, dtype=bool)
+
+
+class _CachedRows:
+    """Level 1 (when the search keeps a cache): the first level's children tables,
+    drawn from the search's projection cache: each key missing from the cache is
+    extracted once, then every block gathers its particles' rows ((b, C, 2K), (b, C, K))."""
+
+    def __init__(self, vft, cache: _ProjectionCache, poses: _Poses, kx, ky, stats):
+        xp = array_namespace(vft.data)
+        unique, first = np.unique(poses.keys.ravel(), return_index=True)
+        missing = ~cache.filled[unique]
+        if missing.any():
+            flat = poses.rotations.reshape(-1, 3, 3)
+            _project(vft, flat[first[missing]], kx, ky, stats,
+                     out=(cache.stacked, cache.power), rows=unique[missing])
+            cache.filled[unique[missing]] = True
+        self.cache, self.keys, self.xp = cache, poses.keys, xp
+
+    def rows(self, blk: slice):
+        r = self.xp.asarray(self.keys[blk])
+        return self.cache.stacked[r], self.cache.power[r]
 
 
 def _project(vft, rotations, kx, ky, stats, out=None, rows=None):
@@ -279,15 +395,29 @@ def _project(vft, rotations, kx, ky, stats, out=None, rows=None):
     return tables
 
 
-_CHUNK_BYTES_PER_FREQ = 24  # a chunk's X, C, w C X and w C² at each search frequency
-_CHUNK_BYTES_PER_PARTICLE = 4096  # kept poses, children, shifts
-
-
 def _chunk_size(params, n_freq_last) -> int:
     """Particles per chunk: the chunk's data at the search frequencies fit in
     max_chunk_MB (projections and scores live in blocks, :func:`_blocks`)."""
-    per_particle = _CHUNK_BYTES_PER_FREQ * n_freq_last + _CHUNK_BYTES_PER_PARTICLE
-    return int(max(1, min(params.chunk_size, params.max_chunk_MB * 2 ** 20 // per_particle)))
+    return int(max(1, min(params.chunk_size,
+                          params.max_chunk_MB * _MiB // _chunk_bytes_per_particle(n_freq_last))))
+
+
+def _chunk_bytes_per_particle(n_freq_last: int) -> int:
+    return _CHUNK_BYTES_PER_FREQ * n_freq_last + _CHUNK_BYTES_PER_PARTICLE
+
+
+def _table_bytes(n_rotations: int, n_freq: int) -> int:
+    """Bytes of the scoring tables of n_rotations projections at n_freq frequencies."""
+    return _TABLE_BYTES_PER_ENTRY * n_rotations * n_freq
+
+
+def scoring_bytes_per_particle(n_shifts: int, n_rotations: int, n_freq: int,
+                               own_tables: bool) -> int:
+    """Scoring temporaries per particle of a block: its scores (shifts × rotations),
+    its shifted data (shifts × frequencies) and, when its rotations are its own rather
+    than shared, their projection tables (rotations × frequencies)."""
+    return (_SCORE_BYTES * n_shifts * n_rotations + _SHIFTED_BYTES_PER_FREQ * n_shifts * n_freq
+            + (_table_bytes(n_rotations, n_freq) if own_tables else 0))
 
 
 def working_bytes(params: SearchParams, n_grid: int, n_freq: list[int]) -> dict:
@@ -298,22 +428,24 @@ def working_bytes(params: SearchParams, n_grid: int, n_freq: list[int]) -> dict:
     chunk = _chunk_size(params, n_freq[-1])
     n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * n_grid
     return {
-        "chunk data": chunk * (_CHUNK_BYTES_PER_FREQ * n_freq[-1] + _CHUNK_BYTES_PER_PARTICLE),
-        "level-1 cache": 12 * n_level1 * n_freq[1] if _keeps_cache(params, n_level1, n_freq) else 0,
-        "global grid tables": 12 * n_grid * n_freq[0],
-        "scoring blocks": 3 * _BLOCK_BYTES,
+        "chunk data": chunk * _chunk_bytes_per_particle(n_freq[-1]),
+        "level-1 cache": (_table_bytes(n_level1, n_freq[1])
+                          if _keeps_cache(params, n_level1, n_freq) else 0),
+        "global grid tables": _table_bytes(n_grid, n_freq[0]),
+        "scoring blocks": _LIVE_BLOCKS * _BLOCK_BYTES,
     }
 
 
 def _keeps_cache(params, n_level1: int, n_freq: list[int]) -> bool:
-    """The first level's projection cache is kept when it fits in half of max_chunk_MB."""
-    return bool(params.n_levels) and 12 * n_level1 * n_freq[1] <= params.max_chunk_MB * 2 ** 19
+    """The first level's projection cache is kept when it fits in _CACHE_SHARE of max_chunk_MB."""
+    return bool(params.n_levels) and (
+        _table_bytes(n_level1, n_freq[1]) <= _CACHE_SHARE * params.max_chunk_MB * _MiB)
 
 
 def _blocks(b, poses: _Poses, K):
     """Slices of a chunk's particles whose scoring temporaries stay near _BLOCK_BYTES."""
     T, C = poses.shifts.shape[1], poses.keys.shape[1]
-    per_particle = 4 * T * C + 24 * T * K + (12 * C * K if poses.keys.shape[0] > 1 else 0)
+    per_particle = scoring_bytes_per_particle(T, C, K, own_tables=poses.keys.shape[0] > 1)
     step = int(max(1, _BLOCK_BYTES // per_particle))
     return [slice(i, min(b, i + step)) for i in range(0, b, step)]
 
@@ -389,40 +521,6 @@ def prepare_reference(vft, params: SearchParams, grid_rotation=None, shift_offse
     return SearchReference(vft, params, grid, shifts0)
 
 
-class _ProjectionCache:
-    """Projections of the first level's children, kept across chunks.
-
-    Their keys (grid index × 18 + child) form a fixed, finite set that every particle
-    draws from, so each is extracted once per search however many chunks there are.
-    """
-
-    def __init__(self, n_keys: int, n_freq: int, xp):
-        self.stacked = xp.zeros((n_keys, 2 * n_freq), dtype=xp.float32)
-        self.power = xp.zeros((n_keys, n_freq), dtype=xp.float32)
-        self.filled = np.zeros(n_keys, dtype=bool)
-
-
-class _CachedRows:
-    """The first level's children tables, drawn from the search's projection cache:
-    each key missing from the cache is extracted once, then every block gathers its
-    particles' rows."""
-
-    def __init__(self, vft, cache: _ProjectionCache, poses: _Poses, kx, ky, stats):
-        xp = array_namespace(vft.data)
-        unique, first = np.unique(poses.keys.ravel(), return_index=True)
-        missing = ~cache.filled[unique]
-        if missing.any():
-            flat = poses.rotations.reshape(-1, 3, 3)
-            _project(vft, flat[first[missing]], kx, ky, stats,
-                     out=(cache.stacked, cache.power), rows=unique[missing])
-            cache.filled[unique[missing]] = True
-        self.cache, self.keys, self.xp = cache, poses.keys, xp
-
-    def rows(self, blk: slice):
-        r = self.xp.asarray(self.keys[blk])
-        return self.cache.stacked[r], self.cache.power[r]
-
-
 def _pick(table, index):
     """table (1|b, N, ...) indexed per particle by index (b, k) → (b, k, ...)."""
     rows = np.arange(index.shape[0])[:, None] if table.shape[0] > 1 else 0
@@ -463,10 +561,12 @@ def _keep_best(g, h, poses: _Poses, score, n_keep, stats):
 
 @dataclass
 class _Outputs:
+    """The search's results, filled chunk by chunk; M posterior candidates (0: none)."""
+
     rotations: np.ndarray
     shifts: np.ndarray
     loglik: np.ndarray
-    scale: np.ndarray
+    optimal_scale: np.ndarray
     posterior: np.ndarray
     cand_rot: np.ndarray
     cand_shift: np.ndarray
@@ -476,11 +576,22 @@ class _Outputs:
         return cls(np.zeros((B, 3, 3)), np.zeros((B, 2)), np.zeros(B), np.zeros(B),
                    np.zeros((B, M)), np.zeros((B, M, 3, 3)), np.zeros((B, M, 2)))
 
+    @property
+    def M(self) -> int:
+        return self.posterior.shape[1]
 
-def _finish(g, h, poses: _Poses, score, M, out: _Outputs, offset, stats):
+    def result(self, stats: SearchStats) -> SearchResult:
+        M = self.M
+        return SearchResult(self.rotations, self.shifts, self.loglik, self.optimal_scale,
+                            self.posterior if M else None, self.cand_rot if M else None,
+                            self.cand_shift if M else None, stats)
+
+
+def _finish(g, h, poses: _Poses, score, out: _Outputs, offset, stats):
     """Best pose, its log-likelihood and optimal scale; posterior over the top M poses."""
     xp = array_namespace(g)
     t0 = time.perf_counter()
+    M = out.M
     g = _masked(g, poses.valid)
     b, T, C = g.shape
     sl = slice(offset, offset + b)
@@ -492,7 +603,7 @@ def _finish(g, h, poses: _Poses, score, M, out: _Outputs, offset, stats):
     out.loglik[sl] = to_numpy(xp.take_along_axis(L, best, axis=1))[:, 0]
     g_best = to_numpy(xp.take_along_axis(g.reshape(b, T * C), best, axis=1))[:, 0]
     h_best = to_numpy(xp.take_along_axis(h, best % C, axis=1))[:, 0]
-    out.scale[sl] = g_best / h_best
+    out.optimal_scale[sl] = g_best / h_best
     if M:
         m = min(M, T * C)
         top = xp.argpartition(-L, m - 1, axis=1)[:, :m] if m < T * C else xp.broadcast_to(

@@ -4,8 +4,9 @@ calls it.
 The final angular step follows the accuracy a resolution needs: features d Å apart
 on a particle of diameter D move by d when the particle turns by d / D radians, so
 the last level's step is half the alignment resolution over the particle diameter
-(taken as the window's inner diameter), so the grid error stays below that bound.  The frequency cut-off of the last level is
-the alignment resolution; the first level uses about 40 % of it.
+(taken as the window's inner diameter), so the grid error stays below that bound.  The
+frequency cut-off of the last level is the alignment resolution; the first level uses
+about 40 % of it (COARSE_RADIUS_FRACTION).
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpirefine.backend import array_namespace
-from mpirefine.fourier.project import extract_slices
-from mpirefine.fourier.transforms import phase_shift_2d
-from mpirefine.halfmaps import insertion_frequencies
-from mpirefine.physics.noise import shell_power_sums
-from mpirefine.search import SearchParams, prepare_reference, search_poses
+from mpirefine.search import SearchParams, SearchResult, prepare_reference, search_poses
 
 COARSE_STEP_DEG = 15.0
 MIN_STEP_DEG = 1.0
 MIN_COARSE_RADIUS_PX = 6.0
+COARSE_RADIUS_FRACTION = 0.4  # the first level's cut-off relative to the alignment resolution's
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ def plan_search(resolution_A: float, prep, cfg, marginalize: bool,
                 relaxation: str = "none") -> SearchPlan:
     n, px = prep.box, prep.pixel_size_A
     final_radius = min(n * px / resolution_A, n // 2 - 1)
-    coarse_radius = min(final_radius, max(MIN_COARSE_RADIUS_PX, 0.4 * final_radius))
+    coarse_radius = min(final_radius, max(MIN_COARSE_RADIUS_PX, COARSE_RADIUS_FRACTION * final_radius))
     diameter_A = prep.window_inner * n * px
     final_step = min(COARSE_STEP_DEG, max(MIN_STEP_DEG, 0.5 * math.degrees(resolution_A / diameter_A)))
     params = SearchParams(coarse_step_deg=COARSE_STEP_DEG, final_step_deg=final_step,
@@ -56,39 +53,9 @@ def plan_search(resolution_A: float, prep, cfg, marginalize: bool,
     return SearchPlan(params=params, resolution_A=resolution_A, relaxation=relaxation)
 
 
-class SearchOutcome:
-    """A search's result with the two things the loop derives from it."""
-
-    def __init__(self, result):
-        self.result = result
-        self.rotations = result.rotations
-        self.shifts_px = result.shifts_px
-        self.log_likelihood = result.log_likelihood
-        self.optimal_scale = result.scale
-        self.posterior = result.posterior
-        self.candidate_rotations = result.candidate_rotations
-        self.candidate_shifts_px = result.candidate_shifts_px
-        self.stats = result.stats
-
-    def residual_power(self, vft, images_ft, ctf, scale):
-        """Σ |X - a C P|² per shell at the best poses, and the pixel counts (NumPy).
-
-        Pixels beyond the Nyquist circle are left out (the reference has none there)."""
-        xp = array_namespace(images_ft)
-        n = vft.n
-        kx, ky, inside = insertion_frequencies(n, xp)
-        B = images_ft.shape[0]
-        proj = extract_slices(vft, xp.asarray(self.rotations, dtype=xp.float32), kx, ky)
-        x = phase_shift_2d(images_ft, self.shifts_px, n).reshape(B, -1)[:, inside]
-        a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
-        resid = xp.zeros((B, n * (n // 2 + 1)), xp.complex64)
-        resid[:, inside] = x - a * ctf.reshape(B, -1)[:, inside] * proj
-        return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
-
-
 def lattice_offsets(seed: int, iteration: int, half: int, shift_step_px: float):
     """The random (3, 3) grid rotation and (2,) shift-lattice offset of one half set in
-    one iteration (see :func:`mpirefine.search.search_poses`): a function of the seed,
+    one iteration (see :func:`mpirefine.search.search_poses`): a function of --seed,
     the iteration and the half only, never of the rank layout."""
     from scipy.spatial.transform import Rotation
 
@@ -108,7 +75,7 @@ def search_reference(vft, plan: SearchPlan, lattice=None, symmetry=None,
 
 
 def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None,
-               symmetry=None, relaxation: str = "none", reference=None) -> SearchOutcome:
+               symmetry=None, relaxation: str = "none", reference=None) -> SearchResult:
     """The search as the EM loop runs it.
 
     lattice: (grid rotation, shift offset) from :func:`lattice_offsets`, or None.
@@ -129,4 +96,4 @@ def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None
 
         result = relax_symmetry(vft, images_ft, ctf, noise.sigma2, scale, result, symmetry,
                                 plan.params, marginalize=relaxation == "marginalization")
-    return SearchOutcome(result)
+    return result

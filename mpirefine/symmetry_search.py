@@ -8,7 +8,7 @@ a global search on a grid can settle on the wrong copy.  So, for each particle's
 pose A and shift t, every A·g_j is refined locally: rotations exp(u)·A·g_j over a
 7-point stencil (u = 0 and ± one final angular step about each axis) and shifts
 t + (0, ±d) with d the final shift step, scored by the same likelihood as the search.
-Then (the seed's two relaxation methods):
+Then (CryoSPARC's two relaxation methods, docs/architecture.md §4):
 
 - maximization: the particle takes the single best of all candidates;
 - marginalization: each g_j keeps its best local candidate, and the particle is
@@ -35,12 +35,12 @@ from mpirefine.likelihood import (
     shift_ramps,
     weighted_data,
 )
-from mpirefine.search import SearchParams, SearchResult
+from mpirefine.search import SearchParams, SearchResult, scoring_bytes_per_particle
 
 _STENCIL = np.array([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
                     float)
 _SHIFT_STENCIL = np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], float)
-_BLOCK_BYTES = 64 << 20
+_RELAX_BLOCK_BYTES = 64 << 20  # scoring temporaries per block of particles
 
 
 def relax_symmetry(vft, images_ft, ctf, noise_var_shell, scale, result: SearchResult, group,
@@ -62,8 +62,8 @@ def relax_symmetry(vft, images_ft, ctf, noise_var_shell, scale, result: SearchRe
     S, T, K = len(local), len(_SHIFT_STENCIL), kx.shape[0]
     scale = np.asarray(scale, float).reshape(B)
     out = _empty(B, N, marginalize)
-    per_particle = 12 * N * S * K + 24 * T * K + 4 * T * N * S
-    block = max(1, _BLOCK_BYTES // per_particle)
+    per_particle = scoring_bytes_per_particle(T, N * S, K, own_tables=True)
+    block = max(1, _RELAX_BLOCK_BYTES // per_particle)
     for start in range(0, B, block):
         sl = slice(start, min(B, start + block))
         b = sl.stop - sl.start
@@ -82,14 +82,14 @@ def relax_symmetry(vft, images_ft, ctf, noise_var_shell, scale, result: SearchRe
         g = to_numpy(g).reshape(b, T, N, S)
         h = to_numpy(h).reshape(b, N, S)
         _choose(L, g, h, rot, shifts, out, sl, marginalize)
-    return SearchResult(out["rotations"], out["shifts"], out["loglik"], out["scale"],
+    return SearchResult(out["rotations"], out["shifts"], out["loglik"], out["optimal_scale"],
                         out.get("posterior"), out.get("cand_rot"), out.get("cand_shift"),
                         result.stats)
 
 
 def _empty(B, N, marginalize):
     out = {"rotations": np.zeros((B, 3, 3)), "shifts": np.zeros((B, 2)), "loglik": np.zeros(B),
-           "scale": np.zeros(B)}
+           "optimal_scale": np.zeros(B)}
     if marginalize:
         out.update(posterior=np.zeros((B, N)), cand_rot=np.zeros((B, N, 3, 3)),
                    cand_shift=np.zeros((B, N, 2)))
@@ -110,7 +110,7 @@ def _choose(L, g, h, rot, shifts, out, sl, marginalize):
     out["rotations"][sl] = rot[rows, j, s]
     out["shifts"][sl] = shifts[rows, t]
     out["loglik"][sl] = L_copy[rows, j]
-    out["scale"][sl] = g[rows, t, j, s] / np.maximum(h[rows, j, s], np.finfo(float).tiny)
+    out["optimal_scale"][sl] = g[rows, t, j, s] / np.maximum(h[rows, j, s], np.finfo(float).tiny)
     if marginalize:
         order = np.argsort(-L_copy, axis=1)
         L_sorted = np.take_along_axis(L_copy, order, axis=1)

@@ -142,7 +142,8 @@ def test_marginal_weights_sum_to_one_and_sit_on_the_truth(clean, clean_result):
     assert np.all(np.diff(r.posterior, axis=1) <= 1e-12)  # best first
     np.testing.assert_allclose(r.candidate_rotations[:, 0], r.rotations)
     np.testing.assert_allclose(r.candidate_shifts_px[:, 0], r.shifts_px)
-    err = angular_distance_deg(r.candidate_rotations.reshape(-1, 3, 3), np.repeat(rotations, PARAMS.n_posterior, 0))
+    err = angular_distance_deg(r.candidate_rotations.reshape(-1, 3, 3),
+                               np.repeat(rotations, PARAMS.n_posterior, 0))
     mean_err = np.sum(r.posterior * err.reshape(50, -1), axis=1)
     assert np.median(r.posterior[:, 0]) > 0.9
     assert np.mean(mean_err < 3.0) >= 0.95
@@ -163,8 +164,8 @@ def test_optimal_scale_recovers_the_particle_scale(vft):
     images, ctf, noise_var, rotations, _ = simulate(vft, 20, seed=3, scale=0.7)
     r = search_poses(vft, images, ctf, noise_var, params=dataclasses.replace(PARAMS, fit_scale=True))
     assert np.median(angular_distance_deg(r.rotations, rotations)) < 3.0
-    assert abs(np.median(r.scale) - 0.7) < 0.02
-    assert np.all(np.abs(r.scale - 0.7) < 0.07)
+    assert abs(np.median(r.optimal_scale) - 0.7) < 0.02
+    assert np.all(np.abs(r.optimal_scale - 0.7) < 0.07)
 
 
 def test_chunks_and_cache_do_not_change_results(vft, clean, clean_result):
@@ -251,7 +252,8 @@ def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
     rows = np.random.default_rng(1).permutation(2 * len(rot))[:len(rot)]
     for jit in ("0", "1"):
         monkeypatch.setenv("MPIREFINE_JIT", jit)
-        out = (np.zeros((2 * len(rot), 2 * len(kx)), np.float32), np.zeros((2 * len(rot), len(kx)), np.float32))
+        out = (np.zeros((2 * len(rot), 2 * len(kx)), np.float32),
+               np.zeros((2 * len(rot), len(kx)), np.float32))
         projection_tables(vft, rot, kx, ky, out=out, rows=rows)
         np.testing.assert_allclose(out[0][rows], ref_stacked, atol=2e-6 * scale)
         np.testing.assert_allclose(out[1][rows], ref_power, atol=4e-6 * scale ** 2)
@@ -276,7 +278,8 @@ def test_compiled_insertion_equals_the_array_code(monkeypatch):
     rng = np.random.default_rng(3)
     kx, ky, _, _ = search_frequencies(16, 7)
     rot = np.concatenate([Rotation.random(30, random_state=5).as_matrix(), np.eye(3)[None]])
-    values = (rng.standard_normal((31, len(kx))) + 1j * rng.standard_normal((31, len(kx)))).astype(np.complex64)
+    values = (rng.standard_normal((31, len(kx)))
+              + 1j * rng.standard_normal((31, len(kx)))).astype(np.complex64)
     weights = rng.uniform(0.1, 1.0, (31, len(kx))).astype(np.float32)
     fast = Accumulator.zeros(16, 2, np)
     fast.insert(rot, values, weights, kx, ky)

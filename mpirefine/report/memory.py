@@ -10,7 +10,7 @@ The model follows what the code allocates (sizes in bytes, n = box in px, paddin
   CTFs, twice for temporaries) and the pose search's working arrays with alignment
   at Nyquist, as :func:`mpirefine.search.working_bytes` counts them (a chunk's data
   at the search frequencies, the first level's projection cache when it fits in
-  512 MiB, the global grid's tables, the scoring blocks);
+  half of the search's max_chunk_MB, the global grid's tables, the scoring blocks);
 - half roots (world ranks 0 and 1; rank 0 alone on one rank): reconstruction
   temporaries, about three accumulators (Hermitian copies, regulariser, quotient),
   one half at a time, and both half maps on the host;
@@ -46,10 +46,10 @@ def search_bytes(box: int, image_batch_size: int) -> int:
     """Pose-search working arrays with alignment at Nyquist (the search's own count)."""
     from mpirefine.geometry.grids import so3_grid
     from mpirefine.search import SearchParams, working_bytes
-    from mpirefine.search_plan import COARSE_STEP_DEG
+    from mpirefine.search_plan import COARSE_RADIUS_FRACTION, COARSE_STEP_DEG, MIN_COARSE_RADIUS_PX
 
     radius = box // 2 - 1
-    coarse = min(radius, max(6.0, 0.4 * radius))
+    coarse = min(radius, max(MIN_COARSE_RADIUS_PX, COARSE_RADIUS_FRACTION * radius))
     params = SearchParams(coarse_step_deg=COARSE_STEP_DEG,
                           final_step_deg=COARSE_STEP_DEG / 2 ** TYPICAL_LEVELS,
                           coarse_radius_px=coarse, final_radius_px=radius,
