@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from mpirefine.errors import InputError
+
 
 def auto_batch_size(radius_px: float, epsilon: float, snrfactor: float,
                     symmetry_order: int = 1) -> int:
@@ -32,3 +34,14 @@ def choose_batch(n_particles: int, batch_size: int | None, seed: int, iteration:
         return np.arange(n_particles)
     rng = np.random.default_rng([seed, iteration])
     return np.sort(rng.choice(n_particles, size=batch_size, replace=False))
+
+
+def random_split(n: int, seed: int) -> np.ndarray:
+    """A seeded 50/50 half-set split (0 = A, 1 = B), independent of the rank layout."""
+    if seed < 0:
+        raise InputError(f"--seed must be 0 or more, got {seed}")
+    perm = np.random.default_rng(seed).permutation(n)
+    split = np.empty(n, np.int8)
+    split[perm[0::2]] = 0
+    split[perm[1::2]] = 1
+    return split

@@ -8,7 +8,7 @@ on from the next iteration, on any number of ranks.
 
 Nothing else is needed to reproduce the uninterrupted run: the half-set split is
 stored, and every later random choice (minibatch membership, samples) is a function
-of the seed and the iteration number (design.md §1), not of a generator's history.
+of --seed and the iteration number (docs/architecture.md §1), not of a generator's history.
 
 Layout (arrays as datasets, small things as JSON attributes):
 

@@ -36,6 +36,13 @@ def fsc_curve(map_a, map_b, mask=None) -> np.ndarray:
     return curve
 
 
+def fsc_weight(fsc) -> np.ndarray:
+    """sqrt(2·FSC / (1 + FSC)) per shell, 0 where the FSC is not positive: the expected
+    correlation of the average of two half maps with the truth (NumPy)."""
+    f = np.clip(np.asarray(fsc, float), 0.0, 1.0)
+    return np.sqrt(2.0 * f / (1.0 + f))
+
+
 def shell_resolution_A(n: int, pixel_size_A: float) -> np.ndarray:
     """Resolution in Å of shells 0 .. n // 2 (inf for shell 0)."""
     shells = np.arange(n // 2 + 1, dtype=float)

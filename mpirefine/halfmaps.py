@@ -15,17 +15,12 @@ import numpy as np
 from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.reconstruct import reconstruct, ssnr_from_fsc
-from mpirefine.fourier.transforms import freq_grid_2d, phase_shift_2d, radius_2d
-from mpirefine.fsc import fsc_curve
+from mpirefine.fourier.transforms import insertion_frequencies, phase_shift_2d
+from mpirefine.fsc import fsc_curve, fsc_weight
+from mpirefine.io import ImageSource
+from mpirefine.preprocess import ctf_grid, prepare_images
 
 PAD = 2
-
-
-def insertion_frequencies(n: int, xp):
-    """(kx, ky, mask) of the half-plane pixels inside the Nyquist circle (flattened)."""
-    ky, kx = freq_grid_2d(n, xp)
-    inside = (radius_2d(n, xp) <= n // 2).ravel()
-    return kx.ravel()[inside], ky.ravel()[inside], inside
 
 
 def insert_particles(acc: Accumulator, images_ft, ctf, noise_weight, rotations, shifts_px,
@@ -55,6 +50,34 @@ def insert_particles(acc: Accumulator, images_ft, ctf, noise_weight, rotations, 
         values = (a[:, :, 0] * p) * cw * x
         weights = (a[:, :, 0] ** 2 * p) * c2w
         acc.insert(rot[:, m], values, weights, kx, ky)
+
+
+def rank_share(par, split: np.ndarray, members: np.ndarray | None = None):
+    """Yield (half, indices): this rank's share of each half set it serves, among
+    ``members`` (default every particle), in ascending order."""
+    members = np.arange(len(split)) if members is None else members
+    for half in par.halves_here:
+        in_half = members[split[members] == half]
+        yield half, in_half[par.shard(len(in_half), half)]
+
+
+def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int) -> dict:
+    """Each served half's accumulator with this rank's share of the particles inserted
+    at the poses, shifts and scales ``ps`` carries (unit noise weights): the sums of
+    a reconstruction at known poses.  half → :class:`Accumulator`."""
+    n = prep.box
+    noise_weight = xp.ones((n, n // 2 + 1), xp.float32)
+    accs = {}
+    with ImageSource(ps) as source:
+        for half, mine in rank_share(par, split):
+            acc = Accumulator.zeros(n, PAD, xp)
+            for idx, images in source.chunks(mine, image_batch_size):
+                insert_particles(acc, prepare_images(images, prep, xp),
+                                 ctf_grid(ps.ctf.subset(idx), prep, xp), noise_weight,
+                                 ps.rotations[idx], ps.shifts_A[idx] / prep.pixel_size_A,
+                                 ps.scale[idx])
+            accs[half] = acc
+    return accs
 
 
 def reduce_accumulators(par, accs: dict) -> None:
@@ -159,11 +182,10 @@ def fsc_weighted_average(maps: dict, fsc, cutoff_shell: float):
 
     avg = 0.5 * (np.asarray(maps[0], np.float64) + np.asarray(maps[1], np.float64))
     n = avg.shape[0]
-    f = np.clip(np.asarray(fsc, float), 0.0, 1.0)
-    weight = np.sqrt(2.0 * f / (1.0 + f))
-    shells = np.arange(len(f))
+    weight = fsc_weight(fsc)
+    shells = np.arange(len(weight))
     weight[shells > cutoff_shell] = 0.0
     r = radius_3d(n, np)
-    idx = np.minimum(np.rint(r).astype(int), len(f) - 1)
+    idx = np.minimum(np.rint(r).astype(int), len(weight) - 1)
     per_voxel = np.where(r <= cutoff_shell, weight[idx], 0.0)
     return centered_irfft3(centered_rfft3(avg) * per_voxel, n).astype(np.float32)

@@ -39,7 +39,7 @@ def threshold_core(volume, fraction: float, absolute: bool = False):
     """Boolean core of a map (NumPy, host): voxels above ``fraction`` × the map's
     maximum voxel value, of |map| when ``absolute``.
 
-    The level is always taken from the signed maximum (the seed's rule: a relative
+    The level is always taken from the signed maximum (CryoSPARC's rule, docs/architecture.md §6: a relative
     threshold of the largest voxel value), so ``absolute`` only changes which voxels
     are compared with it; negative pockets deeper than the level join the core.
     An all-False core is returned for a map with no positive voxel.

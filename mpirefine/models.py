@@ -5,7 +5,7 @@ Cα atoms only (4,080 atoms), octahedral, centred at (88.76, 88.76, 88.76) Å wi
 4-fold axes along X, Y and Z.  Maps of the whole model keep that centre on the box
 centre, so the symmetry axes lie on the box axes.
 
-Grid convention (design.md §3): a map has shape (box, box, box) indexed [z, y, x]; voxel
+Grid convention (docs/architecture.md §3): a map has shape (box, box, box) indexed [z, y, x]; voxel
 (iz, iy, ix) sits at position (x, y, z) = ((ix, iy, iz) - box // 2) · pixel_size + centre.
 """
 

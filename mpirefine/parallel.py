@@ -2,7 +2,7 @@
 
 This is the only module that imports mpi4py; math modules never see a communicator.
 Even world ranks align half A (half 0), odd ones half B (half 1); world ranks 0 and 1
-are the groups' roots, the "root pair" that reconstructs (design.md §1). One rank
+are the groups' roots, the "root pair" that reconstructs (docs/architecture.md §1). One rank
 serves both halves in turn. The CLI calls :func:`limit_threads` before NumPy loads
 (BLAS reads its thread count once), so numpy and mpi4py.MPI (whose import
 initialises MPI) are imported only inside the functions that need them.
@@ -423,8 +423,9 @@ class Parallel:
         with self._timed():
             return self.comm.allgather(obj)
 
-    def allreduce_scalar(self, x, op: str = "sum"):
-        """``x`` reduced over all ranks with op "sum", "max" or "min"."""
+    def allreduce_obj(self, x, op: str = "sum"):
+        """``x`` (a number or a NumPy array, sent pickled like the other ``*_obj``
+        collectives) reduced over all ranks with op "sum", "max" or "min"."""
         ops = {"sum": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}
         if op not in ops:
             raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")

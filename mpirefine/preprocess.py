@@ -64,8 +64,3 @@ def ctf_grid(params: CTFParams, prep: ImagePrep, xp):
     ky, kx = freq_grid_2d(prep.box, xp)
     scale = 1.0 / (prep.box * prep.pixel_size_A)
     return evaluate_ctf(params, kx * scale, ky * scale)
-
-
-def shell_index(n: int, xp):
-    """Integer shell (cycles per box) of each half-plane pixel, (n, n // 2 + 1)."""
-    return xp.rint(radius_2d(n, xp)).astype(xp.int64)

@@ -12,11 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d
-
-
-def fsc_weights(fsc) -> np.ndarray:
-    f = np.clip(np.asarray(fsc, float), 0.0, 1.0)
-    return np.sqrt(2.0 * f / (1.0 + f))
+from mpirefine.fsc import fsc_weight
 
 
 def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: float,
@@ -32,7 +28,7 @@ def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: fl
     mean = 0.5 * (fa + fb)
     fa = np.where(shared, mean, fa)
     fb = np.where(shared, mean, fb)
-    w = fsc_weights(fsc)
+    w = fsc_weight(fsc)
     idx = np.minimum(np.rint(r).astype(int), len(w) - 1)
     per_voxel = np.where(r <= n // 2, w[idx], 0.0)
     per_voxel[r < 1] = 1.0

@@ -10,7 +10,7 @@
               plus the requested extra final passes
     finish    maps, masks, FSC, particles with poses, summary
 
-Ranks: see design.md §1 and parallel.py.  Every rank runs this same code; the root
+Ranks: see docs/architecture.md §1 and parallel.py.  Every rank runs this same code; the root
 pair (world ranks 0 and 1, or rank 0 alone) does the per-iteration map work.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from mpirefine.backend import backend_name, to_numpy
 from mpirefine.fourier import compiled
-from mpirefine.batching import auto_batch_size, choose_batch
+from mpirefine.batching import auto_batch_size, choose_batch, random_split
 from mpirefine.config import RefineConfig
 from mpirefine.errors import InputError
 from mpirefine.fourier.backproject import Accumulator
@@ -32,11 +32,12 @@ from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.fsc import crossing_shell, resolution_A
 from mpirefine.geometry.symmetry import point_group
-from mpirefine.halfmaps import PAD, insert_particles, reconstruct_half_maps
+from mpirefine.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
 from mpirefine.io import ImageSource, read_particles, read_volume
 from mpirefine.masks import dynamic_mask
 from mpirefine.parallel import shard_bounds
-from mpirefine.physics.noise import NoiseModel, model_from_sums, shell_power_sums
+from mpirefine.physics.noise import (NoiseModel, model_from_sums, residual_power_sums,
+                                     shell_power_sums)
 from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
 from mpirefine.references import next_references
 from mpirefine.search_plan import lattice_offsets, plan_search, run_search, search_reference
@@ -76,21 +77,29 @@ def open_inputs(cfg: RefineConfig, par):
     return xp, ps, volume, static_mask, prep
 
 
-def prepare(cfg: RefineConfig, par, log) -> Job:
+def build_job(cfg: RefineConfig, par, log) -> Job:
+    """The job as its inputs and options define it, before any iteration: the one
+    place a :class:`Job` is made (``--continue`` then overwrites what the checkpoint
+    holds, :func:`mpirefine.restart.resume`).  Collective over ``par``'s ranks."""
     xp, ps, volume, static_mask, prep = open_inputs(cfg, par)
-    n, px = prep.box, prep.pixel_size_A
     group = point_group(cfg.symmetry)
     alignment = None
     if len(group) > 1 and cfg.symmetry_alignment:
-        volume, static_mask, alignment = align_input_volume(cfg, par, log, volume, static_mask, px)
-    split = ps.split.copy() if np.all(ps.split >= 0) else _random_split(len(ps), cfg.seed)
+        volume, static_mask, alignment = align_input_volume(cfg, par, log, volume, static_mask,
+                                                            prep.pixel_size_A)
+    split = ps.split.copy() if np.all(ps.split >= 0) else random_split(len(ps), cfg.seed)
     scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
-    reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, px)
-    job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
-              references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, n),
-              state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
-              resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
-              symmetry_alignment=alignment)
+    reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, prep.pixel_size_A)
+    return Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
+               references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, prep.box),
+               state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
+               resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
+               symmetry_alignment=alignment)
+
+
+def prepare(cfg: RefineConfig, par, log) -> Job:
+    """A new job: the initial noise model and, when asked, the reference's greyscale."""
+    job = build_job(cfg, par, log)
     job.noise = initial_noise_model(job)
     if cfg.reestimate_greyscale:
         job.greyscale_factor = estimate_greyscale(job)
@@ -117,12 +126,6 @@ def align_input_volume(cfg: RefineConfig, par, log, volume, static_mask, px: flo
     return volume, static_mask, info
 
 
-def _random_split(n: int, seed: int) -> np.ndarray:
-    from mpirefine.cli.common import random_split
-
-    return random_split(n, seed)
-
-
 def _sample(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 7]).choice(n, size=min(n, count), replace=False))
 
@@ -144,8 +147,8 @@ def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
             s, c = shell_power_sums(prepare_images(images, job.prep, xp), n)
             sums += s
             counts += c
-    sums = par.allreduce_scalar(sums)
-    counts = par.allreduce_scalar(counts)
+    sums = par.allreduce_obj(sums)
+    counts = par.allreduce_obj(counts)
     return model_from_sums(sums, counts, constant=not job.cfg.noise_from_images)
 
 
@@ -206,9 +209,7 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
     with ImageSource(ps) as source:
-        for half in par.halves_here:
-            members = batch[job.split[batch] == half]
-            mine = members[par.shard(len(members), half)]
+        for half, mine in rank_share(par, job.split, batch):
             acc = Accumulator.zeros(n, PAD, xp)
             ref = job.references[half]
             if job.static_mask is not None:
@@ -233,7 +234,7 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
                                          res.candidate_shifts_px, scale, res.posterior)
                     else:
                         insert_particles(acc, f, c, weights, res.rotations, res.shifts_px, scale)
-                    p, k = res.residual_power(vft, f, c, scale)
+                    p, k = residual_power_sums(vft, f, c, res.rotations, res.shifts_px, scale)
                     power += p
                     counts += k
                 results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood))
@@ -252,6 +253,8 @@ def collect_particle_results(job: Job, results: list) -> None:
         for item in gathered:
             if item is not None:
                 job.state.update(*item)
+    if job.cfg.minimize_scale:
+        job.share_scales()
 
 
 def update_references(job: Job, halves) -> None:
@@ -280,20 +283,8 @@ def update_references(job: Job, halves) -> None:
         job.half_maps, job.regularised_maps = halves.unregularised, halves.regularised
         job.fsc, job.masks, job.next_references = fsc, masks, refs
         info = (res, bool(masks))
-        mine = {h: refs[h] for h in par.halves_here if par.is_half_root(h)}
-    info = par.bcast_obj(info, root=0)
-    job.resolution_A, has_masks = info
-    for half in par.halves_here:
-        buf = np.ascontiguousarray(mine[half]) if par.is_half_root(half) else np.empty((n, n, n), np.float32)
-        par.bcast_half(buf, half)
-        job.references[half] = job.xp.asarray(buf)
-        if has_masks:
-            mbuf = (np.ascontiguousarray(job.masks[half]) if par.is_half_root(half)
-                    else np.empty((n, n, n), np.float32))
-            par.bcast_half(mbuf, half)
-            job.masks[half] = mbuf
-        else:
-            job.masks.pop(half, None)
+    job.resolution_A, has_masks = par.bcast_obj(info, root=0)
+    job.share_half_volumes(job.next_references or {}, job.masks, has_masks)
 
 
 def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> None:
@@ -310,7 +301,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         full = len(batch) == len(job.particles)
         accs, power, counts = align_and_backproject(job, batch, iteration, timer)
         par.barrier()  # waiting for slower ranks counts as idle, not as communication
-        job.noise = model_from_sums(par.allreduce_scalar(power), par.allreduce_scalar(counts),
+        job.noise = model_from_sums(par.allreduce_obj(power), par.allreduce_obj(counts),
                                     constant=False)
         with timer("reconstruction"):
             update_references(job, reconstruct_half_maps(
@@ -327,7 +318,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         with timer("checkpoint"):
             if par.is_root:
                 restart.save(job, iteration, rule)
-        if par.allreduce_scalar(int(_TERMINATION.requested), op="max"):
+        if par.allreduce_obj(int(_TERMINATION.requested), op="max"):
             raise Preempted(f"stopped by SIGTERM after iteration {iteration}; the checkpoint "
                             f"is complete: continue with  mpirefine refine --continue {cfg.out_dir}")
         if stop:
@@ -455,7 +446,8 @@ def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:
     timer = par.timer
     _TERMINATION.install()
     if resume:
-        job, rule, first = restart.resume(cfg, par, log, open_inputs(cfg, par))
+        job = build_job(cfg, par, log)
+        rule, first = restart.resume(job)
     else:
         job, rule, first = prepare(cfg, par, log), Convergence(cfg.extra_final_passes), 1
     log.info(f"refine: {len(job.particles)} particles, box {job.prep.box}, "

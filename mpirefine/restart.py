@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine import checkpoint
-from mpirefine.geometry.symmetry import point_group
+from mpirefine.errors import InputError
 from mpirefine.physics.noise import NoiseModel
 from mpirefine.state import Convergence, Job, ParticleState
 
@@ -32,53 +32,41 @@ def save(job: Job, iteration: int, rule: Convergence) -> str:
     return checkpoint.save(job.cfg.out_dir, ckpt)
 
 
-def resume(cfg, par, log, inputs) -> tuple[Job, Convergence, int]:
-    """(job, stopping rule, next iteration) from ``cfg.out_dir``'s checkpoint.
+def resume(job: Job) -> tuple[Convergence, int]:
+    """Overwrite what ``job.cfg.out_dir``'s checkpoint holds in a freshly built ``job``
+    (:func:`mpirefine.refine.build_job`); returns (stopping rule, next iteration).
 
-    ``inputs``: what :func:`mpirefine.refine.open_inputs` returned for ``cfg``.
-    Collective over ``par``'s ranks.
+    Collective over ``job.par``'s ranks: the half roots read the file, each shares its
+    half's reference (and mask) within its group, and rank 0 keeps the per-particle
+    results, exactly as after a normal iteration.
     """
-    xp, ps, _, static_mask, prep = inputs
-    n = prep.box
+    cfg, par = job.cfg, job.par
     holds_file = any(par.is_half_root(h) for h in par.halves_here)
     ckpt = checkpoint.load(cfg.out_dir) if holds_file else None
     small = None
     if par.is_root:
-        if len(ckpt.split) != len(ps):
-            from mpirefine.errors import InputError
-
+        if len(ckpt.split) != len(job.particles):
             raise InputError(f"the checkpoint in {cfg.out_dir} is for {len(ckpt.split)} particles "
-                             f"but {cfg.particles} has {len(ps)}; continue with the same particles")
+                             f"but {cfg.particles} has {len(job.particles)}; continue with the "
+                             "same particles")
         small = {"iteration": ckpt.iteration, "resolution_A": ckpt.resolution_A,
                  "history": ckpt.history, "convergence": ckpt.convergence,
                  "greyscale_factor": ckpt.greyscale_factor, "noise_sigma2": ckpt.noise_sigma2,
                  "split": ckpt.split, "has_masks": bool(ckpt.masks)}
     small = par.bcast_obj(small, root=0)
-    references, masks = {}, {}
-    for half in par.halves_here:
-        root = par.is_half_root(half)
-        buf = (np.ascontiguousarray(ckpt.references[half], np.float32) if root
-               else np.empty((n, n, n), np.float32))
-        par.bcast_half(buf, half)
-        references[half] = xp.asarray(buf)
-        if small["has_masks"]:
-            mbuf = (np.ascontiguousarray(ckpt.masks[half], np.float32) if root
-                    else np.empty((n, n, n), np.float32))
-            par.bcast_half(mbuf, half)
-            masks[half] = mbuf
-    state = ParticleState.empty(len(ps), np.ones(len(ps)))
-    job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=np.asarray(small["split"]), prep=prep,
-              references=references, noise=NoiseModel(np.asarray(small["noise_sigma2"], float)),
-              state=state, static_mask=static_mask, resolution_A=small["resolution_A"], log=log,
-              history=list(small["history"]), masks=masks,
-              greyscale_factor=small["greyscale_factor"], symmetry=point_group(cfg.symmetry))
+    job.split = np.asarray(small["split"])
+    job.noise = NoiseModel(np.asarray(small["noise_sigma2"], float))
+    job.resolution_A = small["resolution_A"]
+    job.history = list(small["history"])
+    job.greyscale_factor = small["greyscale_factor"]
     if ckpt is not None:
         job.half_maps, job.regularised_maps = ckpt.half_maps, ckpt.regularised_maps
         job.fsc, job.next_references = ckpt.fsc, ckpt.references
-        job.masks = dict(ckpt.masks) if ckpt.masks else masks
+        job.masks = dict(ckpt.masks)
         if par.is_root:
             job.state = ParticleState(**ckpt.particles)
-    rule = Convergence(**small["convergence"])
-    log.info(f"continuing {cfg.out_dir} after iteration {small['iteration']} "
-             f"(GSFSC {small['resolution_A']:.2f} Å)")
-    return job, rule, small["iteration"] + 1
+    job.share_half_volumes(job.next_references or {}, job.masks, small["has_masks"])
+    job.share_scales()
+    job.log.info(f"continuing {cfg.out_dir} after iteration {small['iteration']} "
+                 f"(GSFSC {small['resolution_A']:.2f} Å)")
+    return Convergence(**small["convergence"]), small["iteration"] + 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import to_numpy
+from mpirefine.fsc import fsc_weight
 from mpirefine.fourier.transforms import (
     centered_irfft3,
     centered_rfft3,
@@ -123,8 +124,7 @@ def weighted_guinier(average, fsc, pixel_size_A: float) -> tuple[np.ndarray, np.
     weight is 0."""
     v = np.asarray(to_numpy(average), np.float64)
     n = v.shape[0]
-    f = np.clip(np.asarray(fsc, float)[: n // 2 + 1], 0.0, 1.0)
-    weight = np.sqrt(2.0 * f / (1.0 + f))
+    weight = fsc_weight(np.asarray(fsc, float)[: n // 2 + 1])
     radius = radius_3d(n, np)
     shell = np.minimum(np.rint(radius).astype(int), n // 2)
     amplitude = np.abs(centered_rfft3(v)) * weight[shell]

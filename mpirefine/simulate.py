@@ -1,7 +1,7 @@
 """Synthetic particle datasets with known truth, for the demo and the tests.
 
 Each particle is the volume projected at a uniformly random orientation, multiplied
-by its own CTF in Fourier space, shifted by -origin (RELION's convention, design.md
+by its own CTF in Fourier space, shifted by -origin (RELION's convention, docs/architecture.md
 §3) and buried in white Gaussian noise.  The SNR is RELION's: the mean over all
 particles of the clean image's variance over the whole box, divided by the noise
 variance.
@@ -12,7 +12,7 @@ Files written to ``out_dir``:
   particles_true.star    the same plus the true angles, origins and a half-set split
   truth.mrc              the volume the particles came from
   start_20A.mrc          the truth low-passed to 20 Å (an initial reference)
-  simulation.json        every parameter, the seed and the derived noise level
+  simulation.json        every parameter, the random seed and the derived noise level
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _draw_truth(p: SimulationParams):
     changing e.g. the SNR leaves poses and CTFs unchanged."""
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(p.seed).spawn(5)]
     n = p.n_particles
-    # SciPy's uniform rotation is Aᵀ (design.md §3); the transpose is uniform too.
+    # SciPy's uniform rotation is Aᵀ (docs/architecture.md §3); the transpose is uniform too.
     angles = matrix_to_euler(Rotation.random(n, random_state=streams[0]).as_matrix()
                              .transpose(0, 2, 1))
     rotations = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])

@@ -78,10 +78,38 @@ class Job:
         return (self.symmetry is not None and len(self.symmetry) > 1
                 and self.cfg.symmetry_relaxation == "none")
 
+    def share_half_volumes(self, references: dict, masks: dict, has_masks: bool) -> None:
+        """Each half root's next reference (and mask, with ``has_masks``) to every rank
+        of its half group.  ``references`` / ``masks``: half → (n, n, n) array, read on
+        the half roots only.  Collective over each half group."""
+        n = self.prep.box
+        for half in self.par.halves_here:
+            root = self.par.is_half_root(half)
+            self.references[half] = self.xp.asarray(
+                _bcast_volume(self.par, half, references[half] if root else None, n))
+            if has_masks:
+                self.masks[half] = _bcast_volume(self.par, half, masks[half] if root else None, n)
+            else:
+                self.masks.pop(half, None)
+
+    def share_scales(self) -> None:
+        """World rank 0's per-particle scales to every rank, so that a particle's next
+        search and insertion use its latest scale on whichever rank serves it."""
+        scale = self.par.bcast_obj(self.state.scale if self.par.is_root else None, root=0)
+        self.state.scale[:] = scale
+
     def alignment_resolution_A(self) -> float:
         """The current resolution, capped by --max-align-resolution when given."""
         cap = self.cfg.max_align_resolution_A
         return max(self.resolution_A, cap) if cap else self.resolution_A
+
+
+def _bcast_volume(par, half: int, volume, n: int) -> np.ndarray:
+    """``volume`` (on the half root) as float32 on every rank of the half group."""
+    buf = (np.ascontiguousarray(volume, np.float32) if par.is_half_root(half)
+           else np.empty((n, n, n), np.float32))
+    par.bcast_half(buf, half)
+    return buf
 
 
 @dataclass

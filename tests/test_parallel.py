@@ -318,11 +318,11 @@ def test_object_collectives_and_scalar_reductions():
     assert par.allgather_obj(par.rank) == list(range(par.size))
     gathered = par.gather_obj(par.rank * 2)
     assert gathered == (list(range(0, 2 * par.size, 2)) if par.is_root else None)
-    assert par.allreduce_scalar(par.rank + 1) == par.size * (par.size + 1) // 2
-    assert par.allreduce_scalar(par.rank, op="max") == par.size - 1
-    assert par.allreduce_scalar(par.rank, op="min") == 0
+    assert par.allreduce_obj(par.rank + 1) == par.size * (par.size + 1) // 2
+    assert par.allreduce_obj(par.rank, op="max") == par.size - 1
+    assert par.allreduce_obj(par.rank, op="min") == 0
     with pytest.raises(ValueError, match="op must be"):
-        par.allreduce_scalar(1, op="prod")
+        par.allreduce_obj(1, op="prod")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -28,19 +28,3 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results already in --out")
-
-
-def random_split(n: int, seed: int):
-    """A seeded 50/50 half-set split (0 = A, 1 = B), independent of the rank layout."""
-    import numpy as np
-
-    from mpirefine.errors import InputError
-
-    if seed < 0:
-        raise InputError(f"--seed must be 0 or more, got {seed}")
-
-    perm = np.random.default_rng(seed).permutation(n)
-    split = np.empty(n, np.int8)
-    split[perm[0::2]] = 0
-    split[perm[1::2]] = 1
-    return split

@@ -29,16 +29,15 @@ def main(args) -> int:
     import numpy as np
 
     from mpirefine.backend import backend_name, to_numpy
-    from mpirefine.cli.common import random_split
+    from mpirefine.batching import random_split
     from mpirefine.errors import InputError
-    from mpirefine.fourier.backproject import Accumulator
     from mpirefine.fsc import crossing_shell, resolution_A
-    from mpirefine.halfmaps import (PAD, full_unregularised_map, fsc_weighted_average,
-                                    insert_particles, reconstruct_half_maps)
-    from mpirefine.io import ImageSource, read_particles, write_mrc
+    from mpirefine.halfmaps import (full_unregularised_map, fsc_weighted_average,
+                                    insert_at_poses, reconstruct_half_maps)
+    from mpirefine.io import read_particles, write_mrc
     from mpirefine.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
     from mpirefine.parallel import Parallel, get_logger
-    from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
+    from mpirefine.preprocess import ImagePrep
 
     start = time.time()
     par = Parallel()
@@ -56,19 +55,7 @@ def main(args) -> int:
     prep = ImagePrep(box=n, pixel_size_A=px, window=args.window)
     log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px, {par.size} rank(s), "
              f"{backend_name(xp)}")
-    noise_weight = xp.ones((n, n // 2 + 1), xp.float32)
-    accs = {}
-    with ImageSource(ps) as source:
-        for half in par.halves_here:
-            acc = Accumulator.zeros(n, PAD, xp)
-            members = np.flatnonzero(split == half)
-            mine = members[par.shard(len(members), half)]
-            for idx, images in source.chunks(mine, args.chunk_size):
-                sub = ps.ctf.subset(idx)
-                insert_particles(acc, prepare_images(images, prep, xp), ctf_grid(sub, prep, xp),
-                                 noise_weight, ps.rotations[idx], ps.shifts_A[idx] / px,
-                                 ps.scale[idx])
-            accs[half] = acc
+    accs = insert_at_poses(par, ps, split, prep, xp, args.chunk_size)
     halves = reconstruct_half_maps(par, accs, n)
     full = full_unregularised_map(par, accs, n)
     if not par.is_root:

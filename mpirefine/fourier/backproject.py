@@ -38,10 +38,6 @@ class Accumulator:
     def size(self) -> int:
         return self.pad * self.n
 
-    def clear(self) -> None:
-        self.data[...] = 0
-        self.weight[...] = 0
-
     def insert(self, rotations, values, weights, kx, ky) -> None:
         """Add slices at A^T (kx, ky, 0).
 

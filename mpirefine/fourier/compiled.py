@@ -103,6 +103,21 @@ def _threads(available: int) -> int:
     return max(1, min(available, wanted))
 
 
+def _half_space_point_py(a00, a10, a01, a11, a02, a12, px, py):
+    """The point A^T (px, py, 0) of a slice (padded grid units), mirrored to x >= 0
+    (the stored half of the transform): (x, y, z, sign), sign -1 where mirrored (the
+    sample is then the conjugate).  The one copy of this step for both kernels."""
+    x = a00 * px + a10 * py
+    y = a01 * px + a11 * py
+    z = a02 * px + a12 * py
+    s = np.float32(1) if x >= np.float32(0) else np.float32(-1)
+    return x * s, y * s, z * s, s
+
+
+_half_space_point = (numba.njit(inline="always", fastmath=True)(_half_space_point_py)
+                     if numba is not None else _half_space_point_py)
+
+
 def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, power):
     """Trilinear samples of the framed half-space table (z, y, [re, im] × x).
 
@@ -129,13 +144,10 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, pow
             a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
             row = rows[r]
             for k in range(K):
-                x = a00 * px[k] + a10 * py[k]
-                y = a01 * px[k] + a11 * py[k]
-                z = a02 * px[k] + a12 * py[k]
-                s = one if x >= zero else -one
-                x = min(x * s, xmax)
-                y = min(max(y * s + half, zero), ymax)
-                z = min(max(z * s + half, zero), ymax)
+                x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k])
+                x = min(x, xmax)
+                y = min(max(y + half, zero), ymax)
+                z = min(max(z + half, zero), ymax)
                 xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
                 corner[k] = np.int64(zf) * sz + np.int64(yf) * sy + 2 * np.int64(xf)
                 fx[k], fy[k], fz[k], sign[k] = x - xf, y - yf, z - zf, s
@@ -167,7 +179,7 @@ def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
     P, nx = weight.shape[0], weight.shape[2]
     half = P // 2
     R, K = rot.shape[0], kx.shape[0]
-    zero, one = np.float32(0), np.float32(1)
+    one = np.float32(1)
     px, py = kx * pad, ky * pad
     x0, y0, z0 = np.empty(K, np.int64), np.empty(K, np.int64), np.empty(K, np.int64)
     fx, fy, fz = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float32)
@@ -177,11 +189,7 @@ def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
         a01, a11 = rot[r, 0, 1], rot[r, 1, 1]
         a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
         for k in range(K):
-            x = a00 * px[k] + a10 * py[k]
-            y = a01 * px[k] + a11 * py[k]
-            z = a02 * px[k] + a12 * py[k]
-            s = one if x >= zero else -one
-            x, y, z = x * s, y * s, z * s
+            x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k])
             xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
             x0[k], y0[k], z0[k] = np.int64(xf), np.int64(yf) + half, np.int64(zf) + half
             fx[k], fy[k], fz[k], sign[k] = x - xf, y - yf, z - zf, s

@@ -1,6 +1,6 @@
 """Fourier-space filters for volumes and images (NumPy or CuPy, whichever holds the data).
 
-Frequencies are in shells (cycles per box, design.md §3).  A resolution d Å in a box of
+Frequencies are in shells (cycles per box, docs/architecture.md §3).  A resolution d Å in a box of
 n pixels of size p Å lies at shell n·p / d.
 """
 

@@ -82,6 +82,15 @@ def slice_coordinates(rotations, kx, ky, pad: int):
     return tuple(A[:, 0, i, None] * kx + A[:, 1, i, None] * ky for i in range(3))
 
 
+def _mirror_to_half_space(qx, qy, qz):
+    """Points with qx < 0 replaced by -q, where the stored half of the transform
+    holds them: (qx, qy, qz, flip), the sample being the conjugate where ``flip``."""
+    xp = array_namespace(qx)
+    flip = qx < 0
+    sign = xp.where(flip, xp.float32(-1), xp.float32(1))
+    return qx * sign, qy * sign, qz * sign, flip
+
+
 def trilinear_stencil(qx, qy, qz, size: int):
     """Flat indices and weights of the 8 trilinear corners in a half-space grid.
 
@@ -90,9 +99,7 @@ def trilinear_stencil(qx, qy, qz, size: int):
     Returns (index (8, ...) int64, weight (8, ...) float32, flip (...) bool).
     """
     xp = array_namespace(qx)
-    flip = qx < 0
-    sign = xp.where(flip, -1.0, 1.0).astype(xp.float32)
-    qx, qy, qz = qx * sign, qy * sign, qz * sign
+    qx, qy, qz, flip = _mirror_to_half_space(qx, qy, qz)
     half = size // 2
     nx = half + 1
     x0 = xp.floor(qx)
@@ -161,13 +168,11 @@ def _extract_block(vft: VolumeFT, rotations, kx, ky):
     table = vft.gather_table()
     P, nx = vft.size, vft.data.shape[2]
     stride_y, stride_z = nx + 2, (P + 4) * (nx + 2)
-    qx, qy, qz = slice_coordinates(rotations, kx, ky, vft.pad)
-    flip = qx < 0
-    sign = xp.where(flip, xp.float32(-1), xp.float32(1))
+    qx, qy, qz, flip = _mirror_to_half_space(*slice_coordinates(rotations, kx, ky, vft.pad))
     # frame coordinates: x from 0, y and z from 1 (the leading zero plane)
-    x = xp.clip(qx * sign, 0, nx)
-    y = xp.clip(qy * sign + (P // 2 + 1), 0, P + 2)
-    z = xp.clip(qz * sign + (P // 2 + 1), 0, P + 2)
+    x = xp.clip(qx, 0, nx)
+    y = xp.clip(qy + (P // 2 + 1), 0, P + 2)
+    z = xp.clip(qz + (P // 2 + 1), 0, P + 2)
     x0, y0, z0 = (xp.floor(c) for c in (x, y, z))
     fx, fy, fz = x - x0, y - y0, z - z0
     itype = xp.int32 if table.size < 2 ** 31 else xp.int64

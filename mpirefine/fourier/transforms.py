@@ -1,6 +1,6 @@
 """Centred FFTs, frequency grids and shells, shared by every Fourier module.
 
-Conventions (design.md §3):
+Conventions (docs/architecture.md §3):
 - A real-space image or volume has its centre at index n // 2 along each axis.
 - 2-D image transforms use Hermitian half-plane storage: shape (..., n, n // 2 + 1),
   indexed [ky, kx] with ky centred (row i ↔ ky = i - n // 2) and kx = 0 .. n // 2.
@@ -65,6 +65,14 @@ def radius_2d(n: int, xp):
     """|k| in cycles per box on the half-plane grid, shape (n, n // 2 + 1)."""
     ky, kx = freq_grid_2d(n, xp)
     return xp.sqrt(kx * kx + ky * ky)
+
+
+def insertion_frequencies(n: int, xp):
+    """(kx, ky, mask) of the half-plane pixels inside the Nyquist circle (flattened):
+    the pixels a particle is inserted at and compared with its projection."""
+    ky, kx = freq_grid_2d(n, xp)
+    inside = (radius_2d(n, xp) <= n // 2).ravel()
+    return kx.ravel()[inside], ky.ravel()[inside], inside
 
 
 def radius_3d(n: int, xp):

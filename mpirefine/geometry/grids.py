@@ -44,9 +44,6 @@ ROTATION_STENCILS = {
 }
 _SQUARE_CORNERS = np.array([[x, y] for x in (-0.25, 0.25) for y in (-0.25, 0.25)])
 
-#: Children per shift in one subdivision.
-N_SHIFT_CHILDREN = len(_SQUARE_CORNERS)
-
 
 def fibonacci_sphere(n_points: int) -> np.ndarray:
     """Near-uniform unit vectors on the sphere, shape (n_points, 3).

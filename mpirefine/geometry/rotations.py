@@ -60,8 +60,3 @@ def angular_distance_deg(A, B) -> np.ndarray:
     B = np.asarray(B, float).reshape(-1, 3, 3)
     # SciPy's magnitude is accurate near 0, unlike arccos of the trace
     return np.degrees(Rotation.from_matrix(A @ B.transpose(0, 2, 1)).magnitude())
-
-
-def viewing_direction(A) -> np.ndarray:
-    """Unit beam direction in the volume frame (third row of A), shape (n, 3)."""
-    return np.asarray(A, float).reshape(-1, 3, 3)[:, 2, :]

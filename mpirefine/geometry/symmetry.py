@@ -5,7 +5,7 @@ of a map V when V(g x) = V(x).  Poses A and A·g then give the same projection, 
 particle seen at A can be inserted at all N poses A·g (enforcement) and the pose search
 needs to cover only one pose in N (the asymmetric unit).
 
-Our setting (the seed's), RELION's setting of the same name, and relion_to_ours(name):
+Our setting (CryoSPARC's, docs/architecture.md §3), RELION's setting of the same name, and relion_to_ours(name):
 
 ========  =======================================  ===============================  ==================
 name      ours                                     RELION                           R (RELION → ours)
@@ -44,7 +44,7 @@ _PHI = (1.0 + 5.0 ** 0.5) / 2.0
 _NAME = re.compile(r"^(?:([CD])([1-9][0-9]*)|(T|O|I|I1|I2))$")
 _RELION_NAME = re.compile(r"^(?:([CD])([1-9][0-9]*)|(T|O|I|I[1-4]))$")
 
-# (fold, axis) generators.  Ours follow the seed's text.  RELION's are the axes its
+# (fold, axis) generators.  Ours follow CryoSPARC's documented axes.  RELION's are the axes its
 # symmetry library lists for each named group (src/symmetries.cpp), written exactly
 # where they have a closed form (T: (0, .816496, .577350); I2: 5-fold (.525731, 0,
 # .850651), 3-fold (0, .356822, .934172); I1: 5-fold (.850651, 0, -.525731), 3-fold

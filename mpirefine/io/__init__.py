@@ -14,7 +14,8 @@ Public API::
 from mpirefine.io.cs import read_cs, write_cs
 from mpirefine.io.mrc import (MrcStack, StackInfo, open_stack, read_volume, stack_info,
                               write_mrc, write_stack)
-from mpirefine.io.particles import ImageSource, ParticleSet, read_particles, write_particles
+from mpirefine.io.formats import read_particles, write_particles
+from mpirefine.io.particles import ImageSource, ParticleSet
 from mpirefine.io.star import read_star, write_relion_star, write_star
 
 __all__ = [

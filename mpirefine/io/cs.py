@@ -17,7 +17,7 @@ import numpy as np
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import matrix_to_rotvec, rotvec_to_matrix
 from mpirefine.io.particles import (ParticleSet, group_rows, header_pixel_size_A, portable_name,
-                                    resolve_path)
+                                    resolve_stacks)
 from mpirefine.physics.ctf import CTFParams
 from mpirefine.atomic import atomic_path
 
@@ -87,22 +87,11 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None,
     raw = _blob_paths(table)
     uniques, codes = np.unique(raw, return_inverse=True)
     folders = _search_folders(path, project_dir)
-    stack_paths: list[str] = []
-    where: dict[str, int] = {}
-    code_to_sid = np.empty(len(uniques), dtype=np.int64)
-    for k, name in enumerate(uniques):
-        resolved = resolve_path(str(name), folders)
-        if resolved is None and not require_stacks:
-            base = project_dir if project_dir is not None else os.path.dirname(path)
-            resolved = os.path.normpath(os.path.join(os.path.abspath(base), str(name)))
-        if resolved is None:
-            tried = [os.path.abspath(f) for f in folders if f is not None]
-            raise InputError(f"{path}: particle stack {name!r} not found; looked in "
-                             f"{', '.join(tried)}. Pass --project-dir (the CryoSPARC project "
-                             "folder)")
-        code_to_sid[k] = where.setdefault(resolved, len(stack_paths))
-        if code_to_sid[k] == len(stack_paths):
-            stack_paths.append(resolved)
+    stack_paths, code_to_sid = resolve_stacks(
+        uniques, folders, project_dir if project_dir is not None else os.path.dirname(path),
+        require_stacks,
+        lambda name, tried: (f"{path}: particle stack {name!r} not found; looked in {tried}. "
+                             "Pass --project-dir (the CryoSPARC project folder)"))
     stack_id = code_to_sid[codes.reshape(-1)]
 
     psize_field = next((f for f in ("blob/psize_A", "alignments3D/psize_A") if f in names), None)

@@ -97,6 +97,33 @@ def resolve_path(raw: str, folders: Sequence[str | None]) -> str | None:
     return None
 
 
+def resolve_stacks(names, folders: Sequence[str | None], fallback_folder: str,
+                   require_stacks: bool, not_found) -> tuple[list[str], np.ndarray]:
+    """Resolve each distinct stack name of a particle file.
+
+    names: the file's distinct stack names, in order of their codes.  Returns (the
+    distinct resolved paths, the index into them of each name): two names that lead
+    to one file share a stack.  A name found in none of ``folders`` is an InputError
+    whose text ``not_found(name, tried_folders)`` gives, unless ``require_stacks`` is
+    False: it is then kept as ``fallback_folder/name``.
+    """
+    stack_paths: list[str] = []
+    where: dict[str, int] = {}
+    code_to_sid = np.empty(len(names), dtype=np.int64)
+    for k, name in enumerate(names):
+        name = str(name)
+        resolved = resolve_path(name, folders)
+        if resolved is None and not require_stacks:
+            resolved = os.path.normpath(os.path.join(os.path.abspath(fallback_folder), name))
+        if resolved is None:
+            tried = ", ".join(os.path.abspath(f) for f in folders if f is not None)
+            raise InputError(not_found(name, tried))
+        code_to_sid[k] = where.setdefault(resolved, len(stack_paths))
+        if code_to_sid[k] == len(stack_paths):
+            stack_paths.append(resolved)
+    return stack_paths, code_to_sid
+
+
 def portable_name(raw: str, resolved: str, folders: Sequence[str | None]) -> str:
     """``raw`` when it still leads to ``resolved`` from ``folders``, else the absolute path.
 
@@ -200,52 +227,6 @@ def header_pixel_size_A(stack_paths: Sequence[str]) -> float:
         if os.path.isfile(path):
             return stack_info(path).pixel_size_A
     return 0.0
-
-
-def read_particles(path: str | os.PathLike, project_dir: str | None = None,
-                   require_stacks: bool = True) -> ParticleSet:
-    """Read a RELION ``.star`` or CryoSPARC ``.cs`` particle file and check it against its stacks.
-
-    With ``require_stacks=False`` (for diagnostics such as ``mpirefine info``) stacks
-    that cannot be found are kept under the path they would have next to the particle
-    file, and neither duplicates nor stack headers are checked: call
-    :func:`check_duplicates` and :func:`check_stacks` to collect those problems.
-    """
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".star", ".cs") and not os.path.isfile(path):
-        raise InputError(f"particle file {path!r} does not exist; check the path")
-    if ext == ".star":
-        from mpirefine.io.star import read_star
-        ps = read_star(path, project_dir=project_dir, require_stacks=require_stacks)
-    elif ext == ".cs":
-        from mpirefine.io.cs import read_cs
-        ps = read_cs(path, project_dir=project_dir, require_stacks=require_stacks)
-    else:
-        raise InputError(f"particle file {path!r} has extension {ext or '(none)'!r}; give a "
-                         "RELION .star or a CryoSPARC .cs file")
-    if len(ps) == 0:
-        raise InputError(f"particle file {path!r} holds no particles")
-    if require_stacks:
-        check_duplicates(ps)
-        ps.box = check_stacks(ps)
-    return ps
-
-
-def write_particles(out_dir: str | os.PathLike, particle_set: ParticleSet,
-                    rotations: np.ndarray | None, shifts_A: np.ndarray, split: np.ndarray,
-                    scale: np.ndarray) -> tuple[str, str]:
-    """Write ``particles.star`` and ``particles.cs`` into ``out_dir``; return both paths."""
-    from mpirefine.io.cs import write_cs
-    from mpirefine.io.star import write_star
-
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    star_path = os.path.join(out_dir, "particles.star")
-    cs_path = os.path.join(out_dir, "particles.cs")
-    write_star(star_path, particle_set, rotations, shifts_A, split, scale)
-    write_cs(cs_path, particle_set, rotations, shifts_A, split, scale)
-    return star_path, cs_path
 
 
 # --------------------------------------------------------------------------- images

@@ -22,7 +22,7 @@ import starfile
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.particles import (ParticleSet, check_numeric_finite, group_rows,
-                                    header_pixel_size_A, portable_name, resolve_path)
+                                    header_pixel_size_A, portable_name, resolve_stacks)
 from mpirefine.physics.ctf import CTFParams
 from mpirefine.atomic import atomic_path
 
@@ -142,20 +142,10 @@ def read_star(path: str | os.PathLike, project_dir: str | None = None,
                          "with N >= 1")
     codes, uniques = pd.factorize(pd.Series(raw_paths))
     folders = [os.path.dirname(path), os.getcwd(), project_dir]
-    stack_paths: list[str] = []
-    where: dict[str, int] = {}
-    code_to_sid = np.empty(len(uniques), dtype=np.int64)
-    for k, raw in enumerate(uniques):
-        resolved = resolve_path(raw, folders)
-        if resolved is None and not require_stacks:
-            resolved = os.path.normpath(os.path.join(folders[0], raw))
-        if resolved is None:
-            tried = [os.path.abspath(f) for f in folders if f is not None]
-            raise InputError(f"{path}: stack {raw!r} not found; looked in {', '.join(tried)}. "
-                             "Run from the RELION project folder or pass --project-dir")
-        code_to_sid[k] = where.setdefault(resolved, len(stack_paths))
-        if code_to_sid[k] == len(stack_paths):
-            stack_paths.append(resolved)
+    stack_paths, code_to_sid = resolve_stacks(
+        uniques, folders, folders[0], require_stacks,
+        lambda name, tried: (f"{path}: stack {name!r} not found; looked in {tried}. "
+                             "Run from the RELION project folder or pass --project-dir"))
     stack_id = code_to_sid[codes]
 
     pixel = cols.get("rlnImagePixelSize")

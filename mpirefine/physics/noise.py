@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier.transforms import radius_2d, shell_sums
+from mpirefine.fourier.project import extract_slices
+from mpirefine.fourier.transforms import (
+    half_space_multiplicity,
+    insertion_frequencies,
+    phase_shift_2d,
+    radius_2d,
+    shell_sums,
+)
 
 
 @dataclass
@@ -42,8 +49,6 @@ def shell_power_sums(transforms, n: int):
     equal those over full transforms.
     """
     xp = array_namespace(transforms)
-    from mpirefine.fourier.transforms import half_space_multiplicity
-
     r = radius_2d(n, xp)
     mult = half_space_multiplicity(n, xp)
     power = (transforms.real ** 2 + transforms.imag ** 2).sum(axis=0)
@@ -51,6 +56,27 @@ def shell_power_sums(transforms, n: int):
     sums = shell_sums(power.astype(xp.float64), r, n_shells, weights=mult)
     counts = shell_sums(xp.full(r.shape, float(transforms.shape[0])), r, n_shells, weights=mult)
     return to_numpy(sums), to_numpy(counts)
+
+
+def residual_power_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
+    """(Σ |X - a C P|² per shell, pixel count per shell) at the given poses, both NumPy
+    (n // 2 + 1,), as :func:`shell_power_sums` counts them.
+
+    vft: the reference (:func:`~mpirefine.fourier.project.volume_ft`); images_ft, ctf
+    (B, n, n // 2 + 1) on its device; rotations (B, 3, 3), shifts_px (B, 2) the poses
+    (RELION origins, as the search returns them); scale (B,) the particles' scales a.
+    Pixels beyond the Nyquist circle are left out (the reference has none there).
+    """
+    xp = array_namespace(images_ft)
+    n = vft.n
+    kx, ky, inside = insertion_frequencies(n, xp)
+    B = images_ft.shape[0]
+    proj = extract_slices(vft, xp.asarray(rotations, dtype=xp.float32), kx, ky)
+    x = phase_shift_2d(images_ft, shifts_px, n).reshape(B, -1)[:, inside]
+    a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
+    resid = xp.zeros((B, n * (n // 2 + 1)), xp.complex64)
+    resid[:, inside] = x - a * ctf.reshape(B, -1)[:, inside] * proj
+    return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
 
 
 def model_from_sums(power_sums, counts, constant: bool) -> NoiseModel:
