@@ -1,4 +1,4 @@
-"""Point groups: group laws, the seed's axes, RELION's settings, the asymmetric unit,
+"""Point groups: group laws, CryoSPARC's axes, RELION's settings, the asymmetric unit,
 symmetrised backprojection sums and symmetry alignment of a map."""
 
 import numpy as np

@@ -124,7 +124,7 @@ def test_masks_follow_the_half_maps_and_nest(truth):
     inner = (slice(None), slice(None), slice(8, -8))    # away from where np.roll wraps
     np.testing.assert_allclose(moved.masks["tight"][inner], np.roll(m["tight"], 4, axis=2)[inner],
                                atol=1e-5)
-    # every curve per shell 0 .. n // 2, a resolution for each, reproducible with the seed
+    # every curve per shell 0 .. n // 2, a resolution for each, reproducible with the random seed
     assert all(len(c) == n // 2 + 1 for c in suite.curves.values())
     assert set(suite.resolution_A) == {k[4:] for k in suite.curves}
     again = fsc_suite(a, b, PX, seed=0)
