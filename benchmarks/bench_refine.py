@@ -176,8 +176,8 @@ def find_mpiexec(given: str | None) -> str:
 # ----------------------------------------------------------------------------- runs
 
 def simulate(work: str, args) -> dict:
-    from mpirefine.models import asymmetric_chains, model_volume
-    from mpirefine.simulate import simulate_dataset
+    from mpirefine.synthetic.models import asymmetric_chains, model_volume
+    from mpirefine.synthetic.simulate import simulate_dataset
 
     t0 = time.perf_counter()
     volume = model_volume(box=args.box, pixel_size_A=args.pixel_size,

@@ -1,7 +1,7 @@
 """Benchmark the coarse-to-fine pose search against the machine's GEMM rate.
 
 Simulates CTF-modulated, shifted, noisy particles of a blob volume, runs
-:func:`mpirefine.search.search_poses` ``--repeats`` times, measures in the same
+:func:`mpirefine.search.poses.search_poses` ``--repeats`` times, measures in the same
 process the single-precision GEMM rate (square float32 matmul, median of several),
 and writes JSON: poses scored per second, GEMM FLOP/s achieved over the whole search
 and as a fraction of the machine rate, seconds per 1,000 particles, the time split
@@ -59,7 +59,7 @@ def main(argv=None):
     from mpirefine.backend import backend_name, choose_backend
     from mpirefine.fourier import compiled
     from mpirefine.geometry.rotations import angular_distance_deg
-    from mpirefine.search import SearchParams, search_poses
+    from mpirefine.search.poses import SearchParams, search_poses
 
     xp = choose_backend(args.backend)
     sync = _synchronizer(xp)
@@ -67,8 +67,8 @@ def main(argv=None):
     if args.plan_resolution_A:
         from types import SimpleNamespace
 
-        from mpirefine.preprocess import ImagePrep
-        from mpirefine.search_plan import plan_search
+        from mpirefine.refinement.images import ImagePrep
+        from mpirefine.search.plan import plan_search
 
         prep = ImagePrep(box=args.box, pixel_size_A=args.pixel_size_A)
         params = plan_search(args.plan_resolution_A, prep,

@@ -64,7 +64,7 @@ def simulate(work, args):
 
     from mpirefine.geometry.rotations import matrix_to_euler
     from mpirefine.io.mrc import write_mrc
-    from mpirefine.models import asymmetric_chains, model_volume
+    from mpirefine.synthetic.models import asymmetric_chains, model_volume
 
     truth = model_volume(args.box, args.pixel_size, chains=asymmetric_chains(), center_A="chains")
     write_mrc(os.path.join(work, "truth.mrc"), truth, args.pixel_size)
@@ -101,7 +101,7 @@ def pose_error(work, particles, refined):
     import numpy as np
     import starfile
 
-    from mpirefine.evaluate import pose_errors_deg
+    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.geometry.rotations import euler_to_matrix
 
     def table(path):
@@ -117,7 +117,7 @@ def pose_error(work, particles, refined):
 
 
 def versus_truth(work, path, pixel_size):
-    from mpirefine.evaluate import compare_with_truth
+    from mpirefine.synthetic.evaluate import compare_with_truth
     from mpirefine.io.mrc import read_volume
 
     truth, _ = read_volume(os.path.join(work, "truth.mrc"))

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 
-from mpirefine.models import asymmetric_chains, model_volume
-from mpirefine.simulate import simulate_dataset
+from mpirefine.synthetic.models import asymmetric_chains, model_volume
+from mpirefine.synthetic.simulate import simulate_dataset
 
 BOX, PIXEL_A, N_PARTICLES, SNR = 40, 2.4, 700, 0.1
 
@@ -22,7 +22,7 @@ def refine_args(data, out, *extra):
 
 
 def median_pose_error(data, out):
-    from mpirefine.evaluate import pose_errors_deg
+    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.io import read_particles
 
     true = read_particles(os.path.join(data, "particles_true.star"))

@@ -14,7 +14,7 @@ from mpirefine.fourier.transforms import (
     freq_grid_2d,
     phase_shift_2d,
 )
-from mpirefine.fsc import crossing_shell, fsc_curve, resolution_A
+from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A
 from mpirefine.geometry.rotations import euler_to_matrix
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 

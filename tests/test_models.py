@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mpirefine.errors import InputError
-from mpirefine.models import (
+from mpirefine.synthetic.models import (
     asymmetric_chains,
     chain_centroids,
     density_from_atoms,

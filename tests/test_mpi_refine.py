@@ -38,8 +38,8 @@ def _maps(out):
 
 
 def test_two_ranks_give_the_same_half_maps_and_poses_as_one(runs):
-    from mpirefine.evaluate import pose_errors_deg
-    from mpirefine.fsc import fsc_curve
+    from mpirefine.synthetic.evaluate import pose_errors_deg
+    from mpirefine.postprocess.fsc import fsc_curve
     from mpirefine.io import read_particles
 
     (out1, _), (out2, _) = runs[1], runs[2]
@@ -59,7 +59,7 @@ def test_two_ranks_give_the_same_half_maps_and_poses_as_one(runs):
 
 
 def test_three_ranks_uneven_groups_work(refine_dataset, tmp_path, runs):
-    from mpirefine.fsc import fsc_curve
+    from mpirefine.postprocess.fsc import fsc_curve
 
     out3 = str(tmp_path / "r3")
     run_refine(3, refine_dataset, out3)

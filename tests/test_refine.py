@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from mpirefine.batching import auto_batch_size, choose_batch
-from mpirefine.refine import Convergence
+from mpirefine.refinement.batching import auto_batch_size, choose_batch
+from mpirefine.refinement.refine import Convergence
 from refine_data import median_pose_error, refine_args
 
 
@@ -102,7 +102,7 @@ def refined(refine_dataset, tmp_path_factory):
 
 
 def test_refinement_recovers_the_truth_from_a_20A_start(refine_dataset, refined):
-    from mpirefine.evaluate import compare_with_truth
+    from mpirefine.synthetic.evaluate import compare_with_truth
     from mpirefine.io import read_volume
 
     out, _ = refined

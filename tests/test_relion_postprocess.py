@@ -8,11 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from mpirefine.fsc import crossing_shell
+from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.io import write_mrc
-from mpirefine.models import asymmetric_chains, model_volume
-from mpirefine.sharpen import apply_bfactor, relion_bfactor
-from mpirefine.validation import fsc_suite
+from mpirefine.synthetic.models import asymmetric_chains, model_volume
+from mpirefine.postprocess.sharpen import apply_bfactor, relion_bfactor
+from mpirefine.postprocess.validation import fsc_suite
 
 RELION = shutil.which("relion_postprocess")
 pytestmark = pytest.mark.skipif(RELION is None, reason="relion_postprocess not installed "

@@ -27,7 +27,7 @@ import pytest
 
 from mpirefine.fourier.project import project_images, volume_ft
 from mpirefine.fourier.transforms import freq_grid_2d
-from mpirefine.fsc import crossing_shell, fsc_curve, resolution_A, shell_resolution_A
+from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A, shell_resolution_A
 from mpirefine.io import ImageSource, read_particles, read_volume, write_cs
 from mpirefine.physics.ctf import evaluate_ctf
 

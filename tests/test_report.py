@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from mpirefine.config import RefineConfig
-from mpirefine.fsc import resolution_A
+from mpirefine.postprocess.fsc import resolution_A
 from mpirefine.geometry.rotations import euler_to_matrix
 from mpirefine.io import write_mrc, write_relion_star
-from mpirefine.outputs import write_fsc_csv
+from mpirefine.io.outputs import write_fsc_csv
 from mpirefine.report import write_report
 from mpirefine.report.plots import crossing_frequency, read_fsc_csv, shell_power, viewing_directions
 from test_hostile_input import make_dataset

@@ -81,8 +81,8 @@ def _children_running_python(pid):
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill_one_rank"])
 def test_killed_job_continues_to_the_same_result(refine_dataset, uninterrupted, tmp_path, how):
-    from mpirefine.evaluate import pose_errors_deg
-    from mpirefine.fsc import fsc_curve
+    from mpirefine.synthetic.evaluate import pose_errors_deg
+    from mpirefine.postprocess.fsc import fsc_curve
     from mpirefine.io import read_particles, read_volume
 
     out = str(tmp_path / "killed")

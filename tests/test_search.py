@@ -11,7 +11,7 @@ from mpirefine.backend import to_numpy
 from mpirefine.fourier.project import extract_slices, project_transforms, projection_tables, volume_ft
 from mpirefine.fourier.transforms import centered_irfft2, centered_rfft2, freq_grid_2d, phase_shift_2d
 from mpirefine.geometry.rotations import angular_distance_deg
-from mpirefine.likelihood import (
+from mpirefine.search.likelihood import (
     log_likelihood,
     log_likelihood_reference,
     noise_weights,
@@ -23,7 +23,7 @@ from mpirefine.likelihood import (
     weighted_data,
 )
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
-from mpirefine.search import SearchParams, search_poses
+from mpirefine.search.poses import SearchParams, search_poses
 
 N = 32
 PARAMS = SearchParams(coarse_step_deg=20.0, final_step_deg=2.5, coarse_radius_px=6.0,
@@ -230,7 +230,7 @@ def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
     # without Numba) are one operator: same samples, flips and clipping, to float32 rounding
     pytest.importorskip("numba")
     from mpirefine.fourier import compiled
-    from mpirefine.likelihood import prepare_projections
+    from mpirefine.search.likelihood import prepare_projections
 
     assert compiled.enabled(np)
     kx, ky, _, _ = search_frequencies(N, N // 2 - 1)

@@ -10,8 +10,8 @@ from mpirefine.fourier.transforms import (
     radius_3d,
     shell_sums,
 )
-from mpirefine.models import asymmetric_chains, model_volume
-from mpirefine.sharpen import (apply_bfactor, fit_bfactor, relion_bfactor, sharpen,
+from mpirefine.synthetic.models import asymmetric_chains, model_volume
+from mpirefine.postprocess.sharpen import (apply_bfactor, fit_bfactor, relion_bfactor, sharpen,
                                sharpen_filtered_map)
 
 N, PX = 48, 2.0

@@ -22,8 +22,8 @@ from mpirefine.geometry.symmetry import (
     symmetrize_accumulator,
     to_asymmetric_unit,
 )
-from mpirefine.models import density_from_atoms, model_volume, read_pdb, shipped_model_path
-from mpirefine.symmetry_align import align_symmetry_axes, apply_alignment, rotate_volume
+from mpirefine.synthetic.models import density_from_atoms, model_volume, read_pdb, shipped_model_path
+from mpirefine.geometry.symmetry_align import align_symmetry_axes, apply_alignment, rotate_volume
 
 PHI = (1 + 5 ** 0.5) / 2
 ORDERS = {"C1": 1, "C5": 5, "c5": 5, "D1": 2, "D7": 14, "T": 12, "O": 24, "I": 60, "I1": 60,

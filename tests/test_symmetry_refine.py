@@ -32,10 +32,10 @@ from mpirefine.fourier.filters import lowpass
 from mpirefine.geometry.rotations import angular_distance_deg
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_volume, write_mrc
-from mpirefine.models import chain_centroids, density_from_atoms, model_volume, read_pdb, \
+from mpirefine.synthetic.models import chain_centroids, density_from_atoms, model_volume, read_pdb, \
     shipped_model_path
-from mpirefine.simulate import simulate_dataset
-from mpirefine.symmetry_align import apply_alignment, rotate_volume
+from mpirefine.synthetic.simulate import simulate_dataset
+from mpirefine.geometry.symmetry_align import apply_alignment, rotate_volume
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -97,7 +97,7 @@ def apoferritin(tmp_path_factory):
 
 @pytest.mark.slow
 def test_octahedral_refinement_beats_c1_and_gives_an_o_symmetric_map(apoferritin, tmp_path):
-    from mpirefine.evaluate import pose_errors_deg
+    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.io import read_particles
 
     data = apoferritin
@@ -292,7 +292,7 @@ def test_alignment_puts_the_axis_of_a_pseudo_symmetric_map_on_the_box_centre(pse
     truth of 0.888 instead of 0.922 and 0.50 to 0.57 instead of 0.16 to 0.23 (body
     units) of stray density at the three other sites.
     """
-    from mpirefine.symmetry_align import align_symmetry_axes
+    from mpirefine.geometry.symmetry_align import align_symmetry_axes
 
     data, _, _ = pseudo_c4
     start, px = read_volume(os.path.join(data, "start_20A.mrc"))   # asymmetric, 20 Å

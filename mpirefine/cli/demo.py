@@ -30,14 +30,14 @@ def main(args) -> int:
 
     import numpy as np
 
-    from mpirefine import refine
+    from mpirefine.refinement import refine
     from mpirefine.config import RefineConfig
-    from mpirefine.evaluate import compare_with_truth, octahedral_group, pose_errors_deg
+    from mpirefine.synthetic.evaluate import compare_with_truth, octahedral_group, pose_errors_deg
     from mpirefine.io import read_particles, read_volume
-    from mpirefine.models import asymmetric_chains, model_volume
-    from mpirefine.outputs import prepare_out_dir, write_json
+    from mpirefine.synthetic.models import asymmetric_chains, model_volume
+    from mpirefine.io.outputs import prepare_out_dir, write_json
     from mpirefine.parallel import Parallel, get_logger
-    from mpirefine.simulate import simulate_dataset
+    from mpirefine.synthetic.simulate import simulate_dataset
 
     par = Parallel()
     log = get_logger(rank=par.rank)

@@ -29,15 +29,15 @@ def main(args) -> int:
     import numpy as np
 
     from mpirefine.backend import backend_name, to_numpy
-    from mpirefine.batching import random_split
+    from mpirefine.refinement.batching import random_split
     from mpirefine.errors import InputError
-    from mpirefine.fsc import crossing_shell, resolution_A
-    from mpirefine.halfmaps import (full_unregularised_map, fsc_weighted_average,
+    from mpirefine.postprocess.fsc import crossing_shell, resolution_A
+    from mpirefine.refinement.halfmaps import (full_unregularised_map, fsc_weighted_average,
                                     insert_at_poses, reconstruct_half_maps)
     from mpirefine.io import read_particles, write_mrc
-    from mpirefine.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
+    from mpirefine.io.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
     from mpirefine.parallel import Parallel, get_logger
-    from mpirefine.preprocess import ImagePrep
+    from mpirefine.refinement.images import ImagePrep
 
     start = time.time()
     par = Parallel()

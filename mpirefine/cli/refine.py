@@ -127,7 +127,7 @@ def continued_config(args):
     import os
     from dataclasses import replace
 
-    from mpirefine.checkpoint import load_config
+    from mpirefine.refinement.checkpoint import load_config
     from mpirefine.config import RefineConfig
     from mpirefine.errors import InputError
 
@@ -142,8 +142,8 @@ def main(args) -> int:
     import os
     from dataclasses import replace
 
-    from mpirefine import refine
-    from mpirefine.outputs import prepare_out_dir
+    from mpirefine.refinement import refine
+    from mpirefine.io.outputs import prepare_out_dir
     from mpirefine.parallel import Parallel, get_logger
 
     resume = args.continue_dir is not None

@@ -27,7 +27,7 @@ DEFAULT_N = 2000
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from mpirefine.models import DEFAULT_PIXEL_SIZE_A, DEFAULT_SIGMA_A
+    from mpirefine.synthetic.models import DEFAULT_PIXEL_SIZE_A, DEFAULT_SIGMA_A
 
     src = parser.add_argument_group("volume (one of)")
     one = src.add_mutually_exclusive_group()
@@ -93,7 +93,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _chains(args, path: str) -> list[str] | None:
-    from mpirefine.models import asymmetric_chains
+    from mpirefine.synthetic.models import asymmetric_chains
 
     if args.chains and args.asymmetric:
         raise InputError("give either --chains or --asymmetric, not both")
@@ -109,7 +109,7 @@ def _chains(args, path: str) -> list[str] | None:
 
 def load_volume(args) -> tuple:
     """(volume, pixel_size_A, description) from the parsed arguments."""
-    from mpirefine.models import DEFAULT_PIXEL_SIZE_A, model_volume, shipped_model_path
+    from mpirefine.synthetic.models import DEFAULT_PIXEL_SIZE_A, model_volume, shipped_model_path
 
     if args.volume:
         if args.chains or args.asymmetric or args.center_on_chains:
@@ -144,7 +144,7 @@ def load_volume(args) -> tuple:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpirefine.simulate import simulate_dataset
+    from mpirefine.synthetic.simulate import simulate_dataset
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):

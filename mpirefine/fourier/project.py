@@ -19,7 +19,7 @@ from mpirefine.fourier.transforms import (
     pad_volume,
     phase_shift_2d,
 )
-from mpirefine.likelihood import prepare_projections
+from mpirefine.search.likelihood import prepare_projections
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _extract_block(vft: VolumeFT, rotations, kx, ky):
 def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     """The pose search's scoring tables of the slices at ``rotations`` (R, 3, 3):
     (stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²), as
-    :func:`mpirefine.likelihood.prepare_projections` makes them from
+    :func:`mpirefine.search.likelihood.prepare_projections` makes them from
     :func:`extract_slices`.  With ``out`` (a (stacked, power) pair) and ``rows``
     (R,), rotation r's tables go into row rows[r] of ``out`` (returned) instead.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine.backend import array_namespace
-from mpirefine.masks import mask_outside_sphere
+from mpirefine.postprocess.masks import mask_outside_sphere
 from mpirefine.fourier.backproject import hermitian_complete
 from mpirefine.fourier.transforms import (
     centered_irfft3,

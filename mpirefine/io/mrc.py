@@ -17,7 +17,7 @@ import mrcfile
 import numpy as np
 
 from mpirefine.errors import InputError
-from mpirefine.atomic import atomic_path
+from mpirefine.io.atomic import atomic_path
 
 # MRC modes 3 and 4 hold complex numbers (Fourier transforms), never real-space images.
 _COMPLEX_MODES = (3, 4)

@@ -24,7 +24,7 @@ from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.particles import (ParticleSet, check_numeric_finite, group_rows,
                                     header_pixel_size_A, portable_name, resolve_stacks)
 from mpirefine.physics.ctf import CTFParams
-from mpirefine.atomic import atomic_path
+from mpirefine.io.atomic import atomic_path
 
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS_A = ("rlnOriginXAngst", "rlnOriginYAngst")

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from mpirefine.atomic import write_text_atomic
+from mpirefine.io.atomic import write_text_atomic
 
 log = logging.getLogger("mpirefine")
 

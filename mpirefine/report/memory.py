@@ -8,7 +8,7 @@ The model follows what the code allocates (sizes in bytes, n = box in px, paddin
   (2n+4, 2n+4, n+3) (fourier/project.py), the real reference and mask (n³ float32);
 - per rank: one batch of ``image_batch_size`` images (real images, transforms and
   CTFs, twice for temporaries) and the pose search's working arrays with alignment
-  at Nyquist, as :func:`mpirefine.search.working_bytes` counts them (a chunk's data
+  at Nyquist, as :func:`mpirefine.search.poses.working_bytes` counts them (a chunk's data
   at the search frequencies, the first level's projection cache when it fits in
   half of the search's max_chunk_MB, the global grid's tables, the scoring blocks);
 - half roots (world ranks 0 and 1; rank 0 alone on one rank): reconstruction
@@ -45,8 +45,8 @@ def _half_plane_pixels(radius_px: float) -> int:
 def search_bytes(box: int, image_batch_size: int) -> int:
     """Pose-search working arrays with alignment at Nyquist (the search's own count)."""
     from mpirefine.geometry.grids import so3_grid
-    from mpirefine.search import SearchParams, working_bytes
-    from mpirefine.search_plan import COARSE_RADIUS_FRACTION, COARSE_STEP_DEG, MIN_COARSE_RADIUS_PX
+    from mpirefine.search.poses import SearchParams, working_bytes
+    from mpirefine.search.plan import COARSE_RADIUS_FRACTION, COARSE_STEP_DEG, MIN_COARSE_RADIUS_PX
 
     radius = box // 2 - 1
     coarse = min(radius, max(MIN_COARSE_RADIUS_PX, COARSE_RADIUS_FRACTION * radius))

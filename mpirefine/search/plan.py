@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpirefine.search import SearchParams, SearchResult, prepare_reference, search_poses
+from mpirefine.search.poses import SearchParams, SearchResult, prepare_reference, search_poses
 
 COARSE_STEP_DEG = 15.0
 MIN_STEP_DEG = 1.0
@@ -55,7 +55,7 @@ def plan_search(resolution_A: float, prep, cfg, marginalize: bool,
 
 def lattice_offsets(seed: int, iteration: int, half: int, shift_step_px: float):
     """The random (3, 3) grid rotation and (2,) shift-lattice offset of one half set in
-    one iteration (see :func:`mpirefine.search.search_poses`): a function of --seed,
+    one iteration (see :func:`mpirefine.search.poses.search_poses`): a function of --seed,
     the iteration and the half only, never of the rank layout."""
     from scipy.spatial.transform import Rotation
 
@@ -82,7 +82,7 @@ def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None
     symmetry: the (N, 3, 3) point group or None.  relaxation "none" searches one
     asymmetric unit (the symmetry is enforced at reconstruction); "maximization" and
     "marginalization" search all of SO(3), then choose among the symmetry-related
-    copies of each pose (:mod:`mpirefine.symmetry_search`).  reference: from
+    copies of each pose (:mod:`mpirefine.search.symmetry`).  reference: from
     :func:`search_reference` with the same arguments, to share work between calls.
     """
     relax = symmetry is not None and len(symmetry) > 1 and relaxation != "none"
@@ -92,7 +92,7 @@ def run_search(vft, images_ft, ctf, noise, scale, plan: SearchPlan, lattice=None
     result = search_poses(vft, images_ft, ctf, noise.sigma2, scale, plan.params,
                           reference=reference)
     if relax:
-        from mpirefine.symmetry_search import relax_symmetry
+        from mpirefine.search.symmetry import relax_symmetry
 
         result = relax_symmetry(vft, images_ft, ctf, noise.sigma2, scale, result, symmetry,
                                 plan.params, marginalize=relaxation == "marginalization")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpirefine.atomic import atomic_path
+from mpirefine.io.atomic import atomic_path
 from mpirefine.errors import InputError
 
 FILENAME = "checkpoint.h5"

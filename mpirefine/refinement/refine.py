@@ -24,25 +24,25 @@ import numpy as np
 
 from mpirefine.backend import backend_name, to_numpy
 from mpirefine.fourier import compiled
-from mpirefine.batching import auto_batch_size, choose_batch, random_split
+from mpirefine.refinement.batching import auto_batch_size, choose_batch, random_split
 from mpirefine.config import RefineConfig
 from mpirefine.errors import InputError
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
-from mpirefine.fsc import crossing_shell, resolution_A
+from mpirefine.postprocess.fsc import crossing_shell, resolution_A
 from mpirefine.geometry.symmetry import point_group
-from mpirefine.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
+from mpirefine.refinement.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
 from mpirefine.io import ImageSource, read_particles, read_volume
-from mpirefine.masks import dynamic_mask
+from mpirefine.postprocess.masks import dynamic_mask
 from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import (NoiseModel, model_from_sums, residual_power_sums,
                                      shell_power_sums)
-from mpirefine.preprocess import ImagePrep, ctf_grid, prepare_images
-from mpirefine.references import next_references
-from mpirefine.search_plan import lattice_offsets, plan_search, run_search, search_reference
-from mpirefine import restart
-from mpirefine.state import Convergence, Job, ParticleState
+from mpirefine.refinement.images import ImagePrep, ctf_grid, prepare_images
+from mpirefine.refinement.references import next_references
+from mpirefine.search.plan import lattice_offsets, plan_search, run_search, search_reference
+from mpirefine.refinement import restart
+from mpirefine.refinement.state import Convergence, Job, ParticleState
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -80,7 +80,7 @@ def open_inputs(cfg: RefineConfig, par):
 def build_job(cfg: RefineConfig, par, log) -> Job:
     """The job as its inputs and options define it, before any iteration: the one
     place a :class:`Job` is made (``--continue`` then overwrites what the checkpoint
-    holds, :func:`mpirefine.restart.resume`).  Collective over ``par``'s ranks."""
+    holds, :func:`mpirefine.refinement.restart.resume`).  Collective over ``par``'s ranks."""
     xp, ps, volume, static_mask, prep = open_inputs(cfg, par)
     group = point_group(cfg.symmetry)
     alignment = None
@@ -111,7 +111,7 @@ def align_input_volume(cfg: RefineConfig, par, log, volume, static_mask, px: flo
     """Turn and shift the input volume (and a static mask with it) so that its
     symmetry axes lie on the convention's axes (--symmetry-alignment).  Found on rank
     0 and broadcast, so every rank applies the same transform."""
-    from mpirefine.symmetry_align import align_symmetry_axes, apply_alignment
+    from mpirefine.geometry.symmetry_align import align_symmetry_axes, apply_alignment
 
     found = align_symmetry_axes(volume, cfg.symmetry, px) if par.is_root else None
     rotation, shift_A, score = par.bcast_obj(found, root=0)
@@ -366,12 +366,12 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     its Guinier B-factor undone up to that resolution (sharpen.py)."""
     from dataclasses import asdict
 
-    from mpirefine.halfmaps import fsc_weighted_average
+    from mpirefine.refinement.halfmaps import fsc_weighted_average
     from mpirefine.io import write_mrc, write_particles
-    from mpirefine.outputs import write_fsc_csv, write_json
-    from mpirefine.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
+    from mpirefine.io.outputs import write_fsc_csv, write_json
+    from mpirefine.postprocess.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
     from mpirefine.report import write_report
-    from mpirefine.validation import fsc_suite
+    from mpirefine.postprocess.validation import fsc_suite
 
     if not job.par.is_root:
         return None

@@ -3,7 +3,7 @@
 :class:`Job` is the loop's state on one rank (references, noise model, masks,
 resolution, history); :class:`ParticleState` the per-particle results that world
 rank 0 collects; :class:`Convergence` the rule that ends the loop.  All three are
-plain data, so a checkpoint (:mod:`mpirefine.checkpoint`) can hold them exactly.
+plain data, so a checkpoint (:mod:`mpirefine.refinement.checkpoint`) can hold them exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from mpirefine.config import RefineConfig
 from mpirefine.physics.noise import NoiseModel
-from mpirefine.preprocess import ImagePrep
+from mpirefine.refinement.images import ImagePrep
 
 
 @dataclass

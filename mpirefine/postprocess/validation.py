@@ -35,7 +35,7 @@ import numpy as np
 
 from mpirefine.backend import to_numpy
 from mpirefine.fourier.filters import lowpass
-from mpirefine.fsc import (
+from mpirefine.postprocess.fsc import (
     corrected_fsc,
     crossing_shell,
     fsc_curve,
@@ -44,7 +44,7 @@ from mpirefine.fsc import (
     resolution_A,
     shell_resolution_A,
 )
-from mpirefine.masks import radial_distance, soft_edge, soft_sphere, threshold_core
+from mpirefine.postprocess.masks import radial_distance, soft_edge, soft_sphere, threshold_core
 
 TIGHT_A = (6.0, 12.0)               # (near, far) Å: CryoSPARC's documented tight FSC mask
 LOOSE_A = (25.0, 40.0)              # and its loose one

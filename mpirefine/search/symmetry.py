@@ -26,7 +26,7 @@ from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.project import projection_tables
-from mpirefine.likelihood import (
+from mpirefine.search.likelihood import (
     log_likelihood,
     noise_weights,
     profile_log_likelihood,
@@ -35,7 +35,7 @@ from mpirefine.likelihood import (
     shift_ramps,
     weighted_data,
 )
-from mpirefine.search import SearchParams, SearchResult, scoring_bytes_per_particle
+from mpirefine.search.poses import SearchParams, SearchResult, scoring_bytes_per_particle
 
 _STENCIL = np.array([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
                     float)
@@ -48,7 +48,7 @@ def relax_symmetry(vft, images_ft, ctf, noise_var_shell, scale, result: SearchRe
     """Re-choose each particle's pose among the symmetry-related copies of ``result``'s.
 
     images_ft (B, n, n//2+1), ctf (B, n, n//2+1), noise_var_shell (n//2+1,), scale (B,)
-    as for :func:`mpirefine.search.search_poses`; group (N, 3, 3).  Returns a new
+    as for :func:`mpirefine.search.poses.search_poses`; group (N, 3, 3).  Returns a new
     SearchResult (host arrays); with ``marginalize`` its posterior (B, N) and candidate
     poses (B, N, ...) are filled, best first.
     """

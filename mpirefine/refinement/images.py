@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpirefine.fourier.transforms import centered_rfft2, freq_grid_2d, radius_2d
-from mpirefine.masks import radial_distance
+from mpirefine.postprocess.masks import radial_distance
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 
 

@@ -6,13 +6,13 @@ The scheme follows cryoDRGN's ``pose_search``:
   times a shift grid (step ``coarse_shift_step_px`` within ``shift_range_px``), using
   frequencies up to ``coarse_radius_px``; rotations and shifts are shared by all
   particles, so this is one large GEMM per chunk of particles
-  (:func:`mpirefine.likelihood.score_shared`);
+  (:func:`mpirefine.search.likelihood.score_shared`);
 - each particle keeps its ``n_keep`` best distinct rotations (each with its best shift);
 - every further level splits each kept rotation into half-size cells (8; 18 for the
   first split of the irregular global grid's cells, see :mod:`mpirefine.geometry.grids`)
   and each kept shift into 4, raises the cut-off geometrically towards
   ``final_radius_px``, and scores every particle's children rotations against its
-  children shifts with a batched GEMM (:func:`mpirefine.likelihood.score_batched`);
+  children shifts with a batched GEMM (:func:`mpirefine.search.likelihood.score_batched`);
 - the last level gives the best pose, its log-likelihood and the optimal scale, and
   (``marginalize``) posterior weights over the best ``n_posterior`` poses.
 
@@ -45,7 +45,7 @@ from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.project import VolumeFT, projection_tables
 from mpirefine.geometry import grids
 from mpirefine.geometry.symmetry import asymmetric_unit_mask
-from mpirefine.likelihood import (
+from mpirefine.search.likelihood import (
     count_within,
     log_likelihood,
     noise_weights,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpirefine.fsc import fsc_curve, resolution_A
+from mpirefine.postprocess.fsc import fsc_curve, resolution_A
 from mpirefine.geometry.rotations import angular_distance_deg
 from mpirefine.geometry.symmetry import point_group
 

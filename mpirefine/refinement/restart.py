@@ -1,9 +1,9 @@
 """Checkpointing a running refinement and resuming it (``refine --continue DIR``).
 
 :func:`save` turns the loop's state after an iteration into a
-:class:`~mpirefine.checkpoint.Checkpoint` (world rank 0, which holds both half maps,
+:class:`~mpirefine.refinement.checkpoint.Checkpoint` (world rank 0, which holds both half maps,
 both next references and every particle's result).  :func:`resume` rebuilds a
-:class:`~mpirefine.state.Job` from it on any number of ranks: the half roots read the
+:class:`~mpirefine.refinement.state.Job` from it on any number of ranks: the half roots read the
 file, each broadcasts its half's reference (and mask) within its group, and rank 0
 keeps the per-particle results, exactly as after a normal iteration.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpirefine import checkpoint
+from mpirefine.refinement import checkpoint
 from mpirefine.errors import InputError
 from mpirefine.physics.noise import NoiseModel
-from mpirefine.state import Convergence, Job, ParticleState
+from mpirefine.refinement.state import Convergence, Job, ParticleState
 
 
 def save(job: Job, iteration: int, rule: Convergence) -> str:
@@ -34,7 +34,7 @@ def save(job: Job, iteration: int, rule: Convergence) -> str:
 
 def resume(job: Job) -> tuple[Convergence, int]:
     """Overwrite what ``job.cfg.out_dir``'s checkpoint holds in a freshly built ``job``
-    (:func:`mpirefine.refine.build_job`); returns (stopping rule, next iteration).
+    (:func:`mpirefine.refinement.refine.build_job`); returns (stopping rule, next iteration).
 
     Collective over ``job.par``'s ranks: the half roots read the file, each shares its
     half's reference (and mask) within its group, and rank 0 keeps the per-particle

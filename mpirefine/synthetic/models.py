@@ -12,6 +12,7 @@ Grid convention (docs/architecture.md §3): a map has shape (box, box, box) inde
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ _SHIPPED_PDB = "apoferritin_ca_O.pdb"
 
 def shipped_model_path() -> str:
     """Path of the shipped apoferritin Cα model (PDB)."""
-    return str(Path(__file__).resolve().parent / "data" / _SHIPPED_PDB)
+    return str(resources.files("mpirefine") / "data" / _SHIPPED_PDB)
 
 
 def read_pdb(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,9 +16,9 @@ from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.reconstruct import reconstruct, ssnr_from_fsc
 from mpirefine.fourier.transforms import insertion_frequencies, phase_shift_2d
-from mpirefine.fsc import fsc_curve, fsc_weight
+from mpirefine.postprocess.fsc import fsc_curve, fsc_weight
 from mpirefine.io import ImageSource
-from mpirefine.preprocess import ctf_grid, prepare_images
+from mpirefine.refinement.images import ctf_grid, prepare_images
 
 PAD = 2
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import to_numpy
-from mpirefine.fsc import fsc_weight
+from mpirefine.postprocess.fsc import fsc_weight
 from mpirefine.fourier.transforms import (
     centered_irfft3,
     centered_rfft3,

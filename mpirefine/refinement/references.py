@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d
-from mpirefine.fsc import fsc_weight
+from mpirefine.postprocess.fsc import fsc_weight
 
 
 def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: float,

@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 from mpirefine.errors import InputError
-from mpirefine.fsc import shell_resolution_A
-from mpirefine.atomic import write_text_atomic
+from mpirefine.postprocess.fsc import shell_resolution_A
+from mpirefine.io.atomic import write_text_atomic
 
 #: files whose presence marks a folder as holding a previous job's results
 RESULT_FILES = ("summary.json", "map.mrc", "map_half_A.mrc", "particles.star", "checkpoint.h5")
