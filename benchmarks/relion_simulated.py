@@ -101,8 +101,8 @@ def pose_error(work, particles, refined):
     import numpy as np
     import starfile
 
-    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.geometry.rotations import euler_to_matrix
+    from mpirefine.synthetic.evaluate import pose_errors_deg
 
     def table(path):
         d = starfile.read(os.path.join(work, path))
@@ -117,8 +117,8 @@ def pose_error(work, particles, refined):
 
 
 def versus_truth(work, path, pixel_size):
-    from mpirefine.synthetic.evaluate import compare_with_truth
     from mpirefine.io.mrc import read_volume
+    from mpirefine.synthetic.evaluate import compare_with_truth
 
     truth, _ = read_volume(os.path.join(work, "truth.mrc"))
     volume, _ = read_volume(os.path.join(work, path))

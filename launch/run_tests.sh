@@ -2,6 +2,7 @@
 # Run the whole mpirefine test suite on a machine that has only Python >= 3.11:
 # make a virtual environment if there is none, install mpirefine with its test extra
 # (this brings the mpich wheel, so MPI needs nothing from the system), then run
+#   (0) the linter:                          ruff check .
 #   (a) the serial tests:                    python -m pytest -q tests
 #   (b) the MPI tests on 2 ranks:  mpiexec -n 2 python -m pytest -q --with-mpi -m mpi tests
 # Exits non-zero if either part fails ("no tests collected" counts as a failure).
@@ -55,19 +56,24 @@ run_tests() {
         timeout_cmd=(timeout "${MPIREFINE_TEST_TIMEOUT:-1800}")
     fi
 
+    echo "== ruff check (lint)"
+    local lint_status=0
+    "$VENV_PYTHON" -m ruff check --no-cache . || lint_status=$?
+
     echo "== serial tests"
     local serial_status=0
-    "$VENV_PYTHON" -m pytest -q tests "$@" || serial_status=$?
+    # -rs: every skipped test is listed with its reason
+    "$VENV_PYTHON" -m pytest -q -rs tests "$@" || serial_status=$?
 
     echo "== MPI tests on 2 ranks ($VENV_MPIEXEC)"
     local mpi_status=0
     # One BLAS thread per rank; no shared .pytest_cache written by two ranks at once.
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-        ${timeout_cmd[@]+"${timeout_cmd[@]}"} "$VENV_MPIEXEC" -n 2 "$VENV_PYTHON" -m pytest -q -p no:cacheprovider \
+        ${timeout_cmd[@]+"${timeout_cmd[@]}"} "$VENV_MPIEXEC" -n 2 "$VENV_PYTHON" -m pytest -q -rs -p no:cacheprovider \
         --with-mpi -m mpi tests "$@" || mpi_status=$?
 
-    echo "== serial tests: exit $serial_status; MPI tests: exit $mpi_status"
-    if (( serial_status != 0 || mpi_status != 0 )); then
+    echo "== lint: exit $lint_status; serial tests: exit $serial_status; MPI tests: exit $mpi_status"
+    if (( lint_status != 0 || serial_status != 0 || mpi_status != 0 )); then
         return 1
     fi
     echo "== all tests passed"

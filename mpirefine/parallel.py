@@ -381,13 +381,13 @@ class Parallel:
     def allreduce_half(self, array, half: int):
         """Sum ``array`` over ``half``'s group, in place on every rank of the group."""
         mpi = self._mpi
-        return self._on_group(array, half, "all", lambda group, host, root: group.Allreduce(
+        return self._on_group(array, half, "all", lambda group, host, _root: group.Allreduce(
             mpi.IN_PLACE, host, op=mpi.SUM))
 
     def bcast_half(self, array, half: int):
         """Copy the half root's ``array`` into every group member's ``array`` (same shape)."""
         return self._on_group(array, half, "others",
-                              lambda group, host, root: group.Bcast(host, root=0))
+                              lambda group, host, _root: group.Bcast(host, root=0))
 
     def exchange_roots(self, array_mine):
         """Swap same-shape, same-dtype arrays between world ranks 0 and 1 (the root

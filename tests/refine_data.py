@@ -22,8 +22,8 @@ def refine_args(data, out, *extra):
 
 
 def median_pose_error(data, out):
-    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.io import read_particles
+    from mpirefine.synthetic.evaluate import pose_errors_deg
 
     true = read_particles(os.path.join(data, "particles_true.star"))
     found = read_particles(os.path.join(out, "particles.star"))

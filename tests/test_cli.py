@@ -75,7 +75,8 @@ def test_unknown_command_is_a_usage_error():
     assert exit_info.value.code == 2
 
 
-def test_subcommand_status_and_help(fake_command, capsys):
+@pytest.mark.usefixtures("fake_command")
+def test_subcommand_status_and_help(capsys):
     assert cli.available_commands()[-1] == "fake"
     assert cli.main(["fake", "--value", "3"]) == 3
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +85,8 @@ def test_subcommand_status_and_help(fake_command, capsys):
     assert "Check the fake plumbing." in capsys.readouterr().out
 
 
-def test_input_error_is_one_line_and_status_2(fake_command, capsys):
+@pytest.mark.usefixtures("fake_command")
+def test_input_error_is_one_line_and_status_2(capsys):
     assert cli.main(["fake", "--value", "bad"]) == 2
     out, err = capsys.readouterr()
     assert err == "mpirefine fake: error: --value must be an integer, got 'bad'\n"

@@ -47,7 +47,7 @@ def test_euler_round_trip(rng):
     assert np.max(angular_distance_deg(A, back)) < 1e-6
 
 
-def test_cryosparc_rotvec_convention(rng):
+def test_cryosparc_rotvec_convention():
     rv = Rotation.random(30, random_state=1).as_rotvec()
     A = rotvec_to_matrix(rv)
     np.testing.assert_allclose(A, Rotation.from_rotvec(rv).as_matrix().transpose(0, 2, 1), atol=1e-12)

@@ -10,13 +10,12 @@ from mpirefine.fourier.reconstruct import reconstruct, ssnr_from_fsc
 from mpirefine.fourier.transforms import (
     centered_irfft2,
     centered_rfft2,
-    centered_rfft3,
     freq_grid_2d,
     phase_shift_2d,
 )
-from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A
 from mpirefine.geometry.rotations import euler_to_matrix
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
+from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A
 
 
 def blob_volume(n, seed=0, n_blobs=12, sigma=2.0):
@@ -28,7 +27,8 @@ def blob_volume(n, seed=0, n_blobs=12, sigma=2.0):
     for _ in range(n_blobs):
         p = rng.normal(size=3)
         p = p / np.linalg.norm(p) * rng.uniform(0, n / 3.5)
-        vol += rng.uniform(0.5, 1.5) * np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
+        r2 = (x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2
+        vol += rng.uniform(0.5, 1.5) * np.exp(-r2 / (2 * sigma ** 2))
     return vol
 
 

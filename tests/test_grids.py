@@ -78,7 +78,8 @@ def test_hopf_children_cover_the_global_grid_cells():
         worst = max(worst, nearest_distance_deg(q[None], children)[0])
     # the children form a grid of step / 2: each query within about that grid's reach
     assert worst < 0.5 * step
-    d = angular_distance_deg(np.repeat(grid[:5], 18, axis=0), rotation_children(grid[:5], step, "hopf").reshape(-1, 3, 3))
+    children = rotation_children(grid[:5], step, "hopf").reshape(-1, 3, 3)
+    d = angular_distance_deg(np.repeat(grid[:5], 18, axis=0), children)
     assert d.max() <= 0.75 * step + 1e-9
 
 

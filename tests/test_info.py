@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from test_hostile_input import BOX, N_PARTICLES, PIXEL_A, make_dataset
 
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.project import volume_ft
 from mpirefine.io import read_particles, write_mrc, write_particles, write_stack
 from mpirefine.report.memory import component_bytes, format_memory, memory_per_rank
-from test_hostile_input import BOX, N_PARTICLES, PIXEL_A, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

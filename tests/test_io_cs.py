@@ -9,7 +9,7 @@ import pytest
 import starfile
 
 from mpirefine.geometry.rotations import angular_distance_deg, euler_to_matrix, rotvec_to_matrix
-from mpirefine.io import read_particles, write_cs, write_relion_star, write_star, write_stack
+from mpirefine.io import read_particles, write_cs, write_relion_star, write_stack, write_star
 
 CS_DTYPE = [("uid", "<u8"), ("blob/path", "S40"), ("blob/idx", "<u4"),
             ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"), ("blob/sign", "<f4"),

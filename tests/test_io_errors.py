@@ -9,8 +9,7 @@ import pytest
 import starfile
 
 from mpirefine.errors import InputError
-from mpirefine.io import (ImageSource, open_stack, read_particles, read_volume,
-                          write_relion_star, write_stack)
+from mpirefine.io import ImageSource, open_stack, read_particles, read_volume, write_relion_star, write_stack
 
 BOX = 16
 

@@ -227,7 +227,7 @@ def test_image_source_matches_mrcfile(tmp_path, monkeypatch):
             assert images.dtype == np.float32 and images.shape == (9, 16, 16)
             np.testing.assert_array_equal(images, truth[order])
             assert len(source._open) <= max_open
-            blocks = list(source.chunks(order, 4))
+            blocks = list(source.batches(order, 4))
             assert [len(b) for b, _ in blocks] == [4, 4, 1]
             np.testing.assert_array_equal(np.concatenate([im for _, im in blocks]), truth[order])
     monkeypatch.undo()

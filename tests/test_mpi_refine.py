@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from refine_data import refine_args
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -38,9 +37,9 @@ def _maps(out):
 
 
 def test_two_ranks_give_the_same_half_maps_and_poses_as_one(runs):
-    from mpirefine.synthetic.evaluate import pose_errors_deg
-    from mpirefine.postprocess.fsc import fsc_curve
     from mpirefine.io import read_particles
+    from mpirefine.postprocess.fsc import fsc_curve
+    from mpirefine.synthetic.evaluate import pose_errors_deg
 
     (out1, _), (out2, _) = runs[1], runs[2]
     for m1, m2 in zip(_maps(out1), _maps(out2)):

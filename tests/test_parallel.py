@@ -75,7 +75,7 @@ def test_single_rank_collectives_are_no_ops(rng):
 def test_non_contiguous_arrays_are_refused():
     par = Parallel(MPI.COMM_SELF)
     with pytest.raises(ValueError, match="C-contiguous"):
-        par._on_group(np.zeros((4, 4))[:, ::2], 0, "all", lambda *a: None)
+        par._on_group(np.zeros((4, 4))[:, ::2], 0, "all", lambda *_args: None)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])

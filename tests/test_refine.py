@@ -9,28 +9,29 @@ import sys
 
 import numpy as np
 import pytest
-
-from mpirefine.refinement.batching import auto_batch_size, choose_batch
-from mpirefine.refinement.refine import Convergence
 from refine_data import median_pose_error, refine_args
 
+from mpirefine.refinement.batching import auto_minibatch_size, choose_minibatch
+from mpirefine.refinement.refine import Convergence
 
-def test_auto_batch_size_follows_the_coverage_rule():
+
+def test_auto_minibatch_size_follows_the_coverage_rule():
     # N = 2 halves x snrfactor x 2 r ln(1/eps)
-    assert auto_batch_size(10, 0.001, 40) == math.ceil(2 * 40 * 2 * 10 * math.log(1000))
-    assert auto_batch_size(20, 0.001, 40) == pytest.approx(2 * auto_batch_size(10, 0.001, 40), rel=1e-3)
-    assert auto_batch_size(10, 0.001, 80) == pytest.approx(2 * auto_batch_size(10, 0.001, 40), rel=1e-3)
-    assert auto_batch_size(10, 0.01, 40) < auto_batch_size(10, 0.001, 40)
-    assert auto_batch_size(10, 0.001, 40, symmetry_order=24) < auto_batch_size(10, 0.001, 40) / 20
+    assert auto_minibatch_size(10, 0.001, 40) == math.ceil(2 * 40 * 2 * 10 * math.log(1000))
+    base = auto_minibatch_size(10, 0.001, 40)
+    assert auto_minibatch_size(20, 0.001, 40) == pytest.approx(2 * base, rel=1e-3)
+    assert auto_minibatch_size(10, 0.001, 80) == pytest.approx(2 * base, rel=1e-3)
+    assert auto_minibatch_size(10, 0.01, 40) < auto_minibatch_size(10, 0.001, 40)
+    assert auto_minibatch_size(10, 0.001, 40, symmetry_order=24) < auto_minibatch_size(10, 0.001, 40) / 20
 
 
-def test_choose_batch_is_seeded_and_bounded():
-    a = choose_batch(1000, 100, seed=1, iteration=2)
+def test_choose_minibatch_is_seeded_and_bounded():
+    a = choose_minibatch(1000, 100, seed=1, iteration=2)
     assert len(a) == 100 and len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
-    np.testing.assert_array_equal(a, choose_batch(1000, 100, seed=1, iteration=2))
-    assert not np.array_equal(a, choose_batch(1000, 100, seed=1, iteration=3))
-    np.testing.assert_array_equal(choose_batch(50, 100, 1, 1), np.arange(50))
-    np.testing.assert_array_equal(choose_batch(50, None, 1, 1), np.arange(50))
+    np.testing.assert_array_equal(a, choose_minibatch(1000, 100, seed=1, iteration=2))
+    assert not np.array_equal(a, choose_minibatch(1000, 100, seed=1, iteration=3))
+    np.testing.assert_array_equal(choose_minibatch(50, 100, 1, 1), np.arange(50))
+    np.testing.assert_array_equal(choose_minibatch(50, None, 1, 1), np.arange(50))
 
 
 def test_convergence_stops_after_first_full_pass_without_improvement():
@@ -102,8 +103,8 @@ def refined(refine_dataset, tmp_path_factory):
 
 
 def test_refinement_recovers_the_truth_from_a_20A_start(refine_dataset, refined):
-    from mpirefine.synthetic.evaluate import compare_with_truth
     from mpirefine.io import read_volume
+    from mpirefine.synthetic.evaluate import compare_with_truth
 
     out, _ = refined
     truth, px = read_volume(os.path.join(refine_dataset, "truth.mrc"))

@@ -8,11 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.io import write_mrc
-from mpirefine.synthetic.models import asymmetric_chains, model_volume
+from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.postprocess.sharpen import apply_bfactor, relion_bfactor
 from mpirefine.postprocess.validation import fsc_suite
+from mpirefine.synthetic.models import asymmetric_chains, model_volume
 
 RELION = shutil.which("relion_postprocess")
 pytestmark = pytest.mark.skipif(RELION is None, reason="relion_postprocess not installed "
@@ -84,7 +84,7 @@ def test_corrected_fsc_matches_relion(postprocessed):
                                suite.curves["fsc_tight"], atol=0.01)
 
 
-def test_bfactor_matches_relion_on_the_same_fit_range(postprocessed, tmp_path):
+def test_bfactor_matches_relion_on_the_same_fit_range(postprocessed):
     halves, suite, _, star = postprocessed
     relion_res = general_value(star, "FinalResolution")
     relion_b = -general_value(star, "BfactorUsedForSharpening")

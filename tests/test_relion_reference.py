@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpirefine.fourier.filters import shell_resolution_A
 from mpirefine.fourier.project import project_images, volume_ft
 from mpirefine.fourier.transforms import freq_grid_2d
-from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A, shell_resolution_A
 from mpirefine.io import ImageSource, read_particles, read_volume, write_cs
 from mpirefine.physics.ctf import evaluate_ctf
+from mpirefine.postprocess.fsc import crossing_shell, fsc_curve, resolution_A
 
 REPO = Path(__file__).resolve().parents[1]
 N_PARTICLES = 200               # kept of RELION's 400 (tests/data/relion_projected/README.md)

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_hostile_input import make_dataset
 
 from mpirefine.config import RefineConfig
-from mpirefine.postprocess.fsc import resolution_A
 from mpirefine.geometry.rotations import euler_to_matrix
 from mpirefine.io import write_mrc, write_relion_star
 from mpirefine.io.outputs import write_fsc_csv
+from mpirefine.postprocess.fsc import resolution_A
 from mpirefine.report import write_report
 from mpirefine.report.plots import crossing_frequency, read_fsc_csv, shell_power, viewing_directions
-from test_hostile_input import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, PIXEL_A, N = 24, 2.0, 300
@@ -43,7 +43,8 @@ def fake_output(folder: Path, optional=True) -> Path:
     rng = np.random.default_rng(0)
     particles = pd.DataFrame({
         "rlnImageName": [f"{i + 1:06d}@Extract/gone.mrcs" for i in range(N)],
-        "rlnAngleRot": rng.uniform(-180, 180, N), "rlnAngleTilt": np.degrees(np.arccos(rng.uniform(-1, 1, N))),
+        "rlnAngleRot": rng.uniform(-180, 180, N),
+        "rlnAngleTilt": np.degrees(np.arccos(rng.uniform(-1, 1, N))),
         "rlnAnglePsi": rng.uniform(-180, 180, N), "rlnCtfScalefactor": rng.normal(1, 0.1, N)})
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [PIXEL_A], "rlnImageSize": [BOX]})
     write_relion_star(folder / "particles.star", optics, particles)

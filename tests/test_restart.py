@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from refine_data import refine_args
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -81,9 +80,9 @@ def _children_running_python(pid):
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill_one_rank"])
 def test_killed_job_continues_to_the_same_result(refine_dataset, uninterrupted, tmp_path, how):
-    from mpirefine.synthetic.evaluate import pose_errors_deg
-    from mpirefine.postprocess.fsc import fsc_curve
     from mpirefine.io import read_particles, read_volume
+    from mpirefine.postprocess.fsc import fsc_curve
+    from mpirefine.synthetic.evaluate import pose_errors_deg
 
     out = str(tmp_path / "killed")
     log = start_and_interrupt(refine_dataset, out, how)

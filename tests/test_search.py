@@ -8,22 +8,46 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import to_numpy
-from mpirefine.fourier.project import extract_slices, project_transforms, projection_tables, volume_ft
+from mpirefine.fourier.project import (
+    extract_slices,
+    prepare_projections,
+    project_transforms,
+    projection_tables,
+    volume_ft,
+)
 from mpirefine.fourier.transforms import centered_irfft2, centered_rfft2, freq_grid_2d, phase_shift_2d
 from mpirefine.geometry.rotations import angular_distance_deg
+from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 from mpirefine.search.likelihood import (
     log_likelihood,
-    log_likelihood_reference,
     noise_weights,
-    prepare_projections,
     score_batched,
     score_shared,
     search_frequencies,
     shift_ramps,
     weighted_data,
 )
-from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 from mpirefine.search.poses import SearchParams, search_poses
+
+
+def log_likelihood_reference(images_k, ctf_k, weights, scale, shifts_px, projections, kx, ky, n):
+    """L (B, T, R) by explicit loops over particles, shifts and rotations (float64).
+
+    The definition the dense scoring must reproduce.
+    """
+    X, C, w = (np.asarray(v, dtype=np.complex128) for v in (images_k, ctf_k, weights))
+    P = np.asarray(projections, dtype=np.complex128)
+    kx, ky = np.asarray(kx, np.float64), np.asarray(ky, np.float64)
+    out = np.zeros((X.shape[0], len(shifts_px), P.shape[0]))
+    for b in range(X.shape[0]):
+        for t, (sx, sy) in enumerate(np.asarray(shifts_px, np.float64)):
+            ramp = np.exp(-2j * np.pi * (kx * sx + ky * sy) / n)
+            for r in range(P.shape[0]):
+                cross = np.sum(w * C[b] * X[b] * ramp * np.conj(P[r])).real
+                power = np.sum(w * C[b] ** 2 * np.abs(P[r]) ** 2).real
+                out[b, t, r] = scale[b] * cross - 0.5 * scale[b] ** 2 * power
+    return out
+
 
 N = 32
 PARAMS = SearchParams(coarse_step_deg=20.0, final_step_deg=2.5, coarse_radius_px=6.0,
@@ -230,7 +254,6 @@ def test_compiled_tables_equal_the_array_code(vft, monkeypatch):
     # without Numba) are one operator: same samples, flips and clipping, to float32 rounding
     pytest.importorskip("numba")
     from mpirefine.fourier import compiled
-    from mpirefine.search.likelihood import prepare_projections
 
     assert compiled.enabled(np)
     kx, ky, _, _ = search_frequencies(N, N // 2 - 1)

@@ -10,9 +10,14 @@ from mpirefine.fourier.transforms import (
     radius_3d,
     shell_sums,
 )
+from mpirefine.postprocess.sharpen import (
+    apply_bfactor,
+    fit_bfactor,
+    relion_bfactor,
+    sharpen,
+    sharpen_filtered_map,
+)
 from mpirefine.synthetic.models import asymmetric_chains, model_volume
-from mpirefine.postprocess.sharpen import (apply_bfactor, fit_bfactor, relion_bfactor, sharpen,
-                               sharpen_filtered_map)
 
 N, PX = 48, 2.0
 MODEL = dict(box=N, pixel_size_A=PX, chains=asymmetric_chains(), center_A="chains")

@@ -13,8 +13,8 @@ from mpirefine.errors import InputError
 from mpirefine.fourier.project import project_images, volume_ft
 from mpirefine.fourier.transforms import freq_grid_2d
 from mpirefine.geometry.rotations import euler_to_matrix
-from mpirefine.synthetic.models import model_volume
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
+from mpirefine.synthetic.models import model_volume
 from mpirefine.synthetic.simulate import clean_images, simulate_dataset
 
 BOX, PIXEL, N = 32, 4.5, 300

@@ -309,6 +309,47 @@ def test_only_the_cli_imports_the_cli():
                            "must not depend on the command line):\n  " + "\n  ".join(offenders))
 
 
+#: The pipeline's layers, lowest first (docs/architecture.md §2): a module imports
+#: only from its own layer or lower ones.  Keys are the first name under mpirefine.
+LAYERS = [
+    {"errors", "backend"},
+    {"fourier", "physics", "geometry", "io"},
+    {"config", "parallel", "search", "postprocess", "synthetic"},
+    {"report"},
+    {"refinement"},
+    {"cli", "__main__"},
+]
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != PACKAGE:
+        return None
+    return next((i for i, group in enumerate(LAYERS) if parts[1] in group), None)
+
+
+def test_imports_point_down_the_pipeline():
+    """fourier/physics/geometry/io never import search, postprocess, refinement...;
+    search and postprocess never import refinement; nothing but cli imports cli."""
+    offenders, unplaced = [], set()
+    for name, module in modules().items():
+        here = _layer(name)
+        if here is None:
+            if name != PACKAGE:
+                unplaced.add(name)
+            continue
+        for ref in imports_of(name):
+            if ref.type_checking:
+                continue
+            for target in ref.targets:
+                there = _layer(target)
+                if there is not None and there > here:
+                    offenders.append(f"{_where(module, ref)}: {name} (layer {here}) imports "
+                                     f"{target} (layer {there})")
+    assert not unplaced, f"modules in no layer of LAYERS: {sorted(unplaced)}"
+    assert not offenders, "imports against the pipeline's direction:\n  " + "\n  ".join(offenders)
+
+
 def test_only_parallel_imports_mpi4py():
     parallel = [m for m in modules().values() if m.path.name == "parallel.py"]
     assert len(parallel) == 1, f"expected exactly one parallel.py, found {[m.rel for m in parallel]}"

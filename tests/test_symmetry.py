@@ -22,8 +22,8 @@ from mpirefine.geometry.symmetry import (
     symmetrize_accumulator,
     to_asymmetric_unit,
 )
-from mpirefine.synthetic.models import density_from_atoms, model_volume, read_pdb, shipped_model_path
 from mpirefine.geometry.symmetry_align import align_symmetry_axes, apply_alignment, rotate_volume
+from mpirefine.synthetic.models import density_from_atoms, model_volume, read_pdb, shipped_model_path
 
 PHI = (1 + 5 ** 0.5) / 2
 ORDERS = {"C1": 1, "C5": 5, "c5": 5, "D1": 2, "D7": 14, "T": 12, "O": 24, "I": 60, "I1": 60,
@@ -100,10 +100,10 @@ def test_tetrahedral_and_octahedral_axes():
     assert fold(T, (0, 0, 1)) == 3
     assert len(axes_of_fold(T, 3)) == 8 and len(axes_of_fold(T, 2)) == 3
     assert any(abs(a[0]) < 1e-9 for a in axes_of_fold(T, 2)), "a 2-fold in the YZ plane"
-    O = point_group("O")
+    octahedral = point_group("O")
     for axis in np.eye(3):
-        assert fold(O, axis) == 4
-    assert fold(O, (1, 1, 1)) == 3 and fold(O, (1, 1, 0)) == 2
+        assert fold(octahedral, axis) == 4
+    assert fold(octahedral, (1, 1, 1)) == 3 and fold(octahedral, (1, 1, 0)) == 2
 
 
 @pytest.mark.parametrize("name, five_plane, three_plane", [("I1", 0, 1), ("I2", 1, 0)])

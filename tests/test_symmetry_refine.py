@@ -31,11 +31,16 @@ from scipy.spatial.transform import Rotation
 from mpirefine.fourier.filters import lowpass
 from mpirefine.geometry.rotations import angular_distance_deg
 from mpirefine.geometry.symmetry import point_group
-from mpirefine.io import read_volume, write_mrc
-from mpirefine.synthetic.models import chain_centroids, density_from_atoms, model_volume, read_pdb, \
-    shipped_model_path
-from mpirefine.synthetic.simulate import simulate_dataset
 from mpirefine.geometry.symmetry_align import apply_alignment, rotate_volume
+from mpirefine.io import read_volume, write_mrc
+from mpirefine.synthetic.models import (
+    chain_centroids,
+    density_from_atoms,
+    model_volume,
+    read_pdb,
+    shipped_model_path,
+)
+from mpirefine.synthetic.simulate import simulate_dataset
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -97,8 +102,8 @@ def apoferritin(tmp_path_factory):
 
 @pytest.mark.slow
 def test_octahedral_refinement_beats_c1_and_gives_an_o_symmetric_map(apoferritin, tmp_path):
-    from mpirefine.synthetic.evaluate import pose_errors_deg
     from mpirefine.io import read_particles
+    from mpirefine.synthetic.evaluate import pose_errors_deg
 
     data = apoferritin
     particles, start = os.path.join(data, "particles.star"), os.path.join(data, "start_20A.mrc")

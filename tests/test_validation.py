@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mpirefine.fourier.filters import lowpass
-from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d, shell_sums
+from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d
 from mpirefine.postprocess.fsc import (
     corrected_fsc,
     crossing_shell,
@@ -13,8 +13,8 @@ from mpirefine.postprocess.fsc import (
     randomize_phases_beyond,
 )
 from mpirefine.postprocess.masks import soft_dilate, threshold_core
-from mpirefine.synthetic.models import asymmetric_chains, model_volume
 from mpirefine.postprocess.validation import fsc_suite
+from mpirefine.synthetic.models import asymmetric_chains, model_volume
 
 PX = 2.0
 
@@ -153,7 +153,8 @@ def test_dynamic_mask_follows_the_seed():
     """Seed, "Dynamic masking": threshold at a fraction of the map's maximum voxel value,
     1 out to near × resolution from that core, a soft edge reaching 0 at far × resolution;
     with the absolute option the same level is applied to |map|."""
-    from mpirefine.postprocess.masks import dynamic_mask, radial_distance
+    from mpirefine.geometry.spheres import radial_distance
+    from mpirefine.postprocess.masks import dynamic_mask
 
     n, px, res_A = 32, 2.0, 8.0
     r_A = radial_distance(n, np).astype(np.float64) * px

@@ -19,7 +19,9 @@ def add_particle_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project-dir", default=None,
                         help="folder that relative stack paths are resolved against "
                              "(default: the particle file's folder, then the current one)")
-    parser.add_argument("--chunk-size", type=int, default=256, metavar="N",
+    # --chunk-size: this option's name before 0.2, still accepted
+    parser.add_argument("--image-batch-size", "--chunk-size", dest="image_batch_size", type=int,
+                        default=256, metavar="N",
                         help="images processed at once per rank (memory only; no effect "
                              "on results) [256]")
 

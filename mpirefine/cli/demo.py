@@ -30,13 +30,13 @@ def main(args) -> int:
 
     import numpy as np
 
-    from mpirefine.refinement import refine
     from mpirefine.config import RefineConfig
-    from mpirefine.synthetic.evaluate import compare_with_truth, octahedral_group, pose_errors_deg
     from mpirefine.io import read_particles, read_volume
-    from mpirefine.synthetic.models import asymmetric_chains, model_volume
     from mpirefine.io.outputs import prepare_out_dir, write_json
     from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.refinement import refine
+    from mpirefine.synthetic.evaluate import compare_with_truth, octahedral_group, pose_errors_deg
+    from mpirefine.synthetic.models import asymmetric_chains, model_volume
     from mpirefine.synthetic.simulate import simulate_dataset
 
     par = Parallel()
@@ -83,5 +83,6 @@ def main(args) -> int:
     log.info(f"demo done in {result['wall_seconds']:.0f} s: GSFSC {result['gsfsc_resolution_A']:.2f} Å; "
              f"map vs truth FSC 0.5 at {result['fsc_vs_truth_0.5_A']:.2f} Å; median angular error "
              f"{result['median_angular_error_deg']:.2f}°" + (" (modulo O)" if group is not None else ""))
-    log.info(f"map: {os.path.join(refine_dir, 'map.mrc')}   summary: {os.path.join(out, 'demo_summary.json')}")
+    log.info(f"map: {os.path.join(refine_dir, 'map.mrc')}   "
+             f"summary: {os.path.join(out, 'demo_summary.json')}")
     return 0

@@ -20,9 +20,9 @@ def main(args) -> int:
     import numpy as np
 
     from mpirefine.errors import InputError
-    from mpirefine.postprocess.fsc import fsc_curve, resolution_A
     from mpirefine.io import read_volume
     from mpirefine.io.outputs import fsc_table, write_fsc_csv
+    from mpirefine.postprocess.fsc import fsc_curve, resolution_A
 
     a, px_a = read_volume(args.map_a)
     b, px_b = read_volume(args.map_b)

@@ -29,14 +29,18 @@ def main(args) -> int:
     import numpy as np
 
     from mpirefine.backend import backend_name, to_numpy
-    from mpirefine.refinement.batching import random_split
     from mpirefine.errors import InputError
-    from mpirefine.postprocess.fsc import crossing_shell, resolution_A
-    from mpirefine.refinement.halfmaps import (full_unregularised_map, fsc_weighted_average,
-                                    insert_at_poses, reconstruct_half_maps)
     from mpirefine.io import read_particles, write_mrc
     from mpirefine.io.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
     from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.postprocess.fsc import crossing_shell, resolution_A
+    from mpirefine.refinement.batching import random_split
+    from mpirefine.refinement.halfmaps import (
+        fsc_weighted_average,
+        full_unregularised_map,
+        insert_at_poses,
+        reconstruct_half_maps,
+    )
     from mpirefine.refinement.images import ImagePrep
 
     start = time.time()
@@ -55,7 +59,7 @@ def main(args) -> int:
     prep = ImagePrep(box=n, pixel_size_A=px, window=args.window)
     log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px, {par.size} rank(s), "
              f"{backend_name(xp)}")
-    accs = insert_at_poses(par, ps, split, prep, xp, args.chunk_size)
+    accs = insert_at_poses(par, ps, split, prep, xp, args.image_batch_size)
     halves = reconstruct_half_maps(par, accs, n)
     full = full_unregularised_map(par, accs, n)
     if not par.is_root:

@@ -127,9 +127,9 @@ def continued_config(args):
     import os
     from dataclasses import replace
 
-    from mpirefine.refinement.checkpoint import load_config
     from mpirefine.config import RefineConfig
     from mpirefine.errors import InputError
+    from mpirefine.refinement.checkpoint import load_config
 
     if args.particles or args.volume or args.out:
         raise InputError("--continue DIR takes the particles, volume and output folder of the "
@@ -142,9 +142,9 @@ def main(args) -> int:
     import os
     from dataclasses import replace
 
-    from mpirefine.refinement import refine
     from mpirefine.io.outputs import prepare_out_dir
     from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.refinement import refine
 
     resume = args.continue_dir is not None
     cfg = continued_config(args) if resume else config_from_args(args)

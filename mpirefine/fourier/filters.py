@@ -6,6 +6,8 @@ n pixels of size p Å lies at shell n·p / d.
 
 from __future__ import annotations
 
+import numpy as np
+
 from mpirefine.backend import array_namespace
 from mpirefine.errors import InputError
 from mpirefine.fourier.transforms import (
@@ -16,6 +18,13 @@ from mpirefine.fourier.transforms import (
     radius_2d,
     radius_3d,
 )
+
+
+def shell_resolution_A(n: int, pixel_size_A: float) -> np.ndarray:
+    """Resolution in Å of shells 0 .. n // 2 (inf for shell 0)."""
+    shells = np.arange(n // 2 + 1, dtype=float)
+    with np.errstate(divide="ignore"):
+        return n * pixel_size_A / shells
 
 
 def resolution_to_shell(resolution_A: float, box: int, pixel_size_A: float) -> float:

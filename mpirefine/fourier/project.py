@@ -19,7 +19,6 @@ from mpirefine.fourier.transforms import (
     pad_volume,
     phase_shift_2d,
 )
-from mpirefine.search.likelihood import prepare_projections
 
 
 @dataclass
@@ -125,6 +124,19 @@ def trilinear_stencil(qx, qy, qz, size: int):
     return xp.stack(indices), xp.stack(weights), flip
 
 
+def stack_real(z):
+    """[Re z, Im z] along the last axis: (..., K) complex → (..., 2K) float32."""
+    xp = array_namespace(z)
+    return xp.concatenate([z.real, z.imag], axis=-1).astype(xp.float32, copy=False)
+
+
+def prepare_projections(projections):
+    """(stacked (..., 2K) float32 [Re P, Im P], power (..., K) float32 |P|²) for scoring."""
+    xp = array_namespace(projections)
+    power = (projections.real ** 2 + projections.imag ** 2).astype(xp.float32)
+    return stack_real(projections), power
+
+
 def extract_slices(vft: VolumeFT, rotations, kx, ky):
     """Central-slice samples of the volume at A^T (kx, ky, 0).
 
@@ -191,7 +203,7 @@ def _extract_block(vft: VolumeFT, rotations, kx, ky):
 def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     """The pose search's scoring tables of the slices at ``rotations`` (R, 3, 3):
     (stacked (R, 2K) float32 [Re P, Im P], power (R, K) float32 |P|²), as
-    :func:`mpirefine.search.likelihood.prepare_projections` makes them from
+    :func:`prepare_projections` makes them from
     :func:`extract_slices`.  With ``out`` (a (stacked, power) pair) and ``rows``
     (R,), rotation r's tables go into row rows[r] of ``out`` (returned) instead.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine.backend import array_namespace
-from mpirefine.postprocess.masks import mask_outside_sphere
 from mpirefine.fourier.backproject import hermitian_complete
 from mpirefine.fourier.transforms import (
     centered_irfft3,
@@ -23,6 +22,7 @@ from mpirefine.fourier.transforms import (
     radius_3d,
     shell_sums,
 )
+from mpirefine.geometry.spheres import mask_outside_sphere
 
 #: regulariser, as a fraction of the shell's mean weight, when no SSNR is known
 UNREGULARISED_FRACTION = 1e-3

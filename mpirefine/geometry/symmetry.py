@@ -5,7 +5,8 @@ of a map V when V(g x) = V(x).  Poses A and A·g then give the same projection, 
 particle seen at A can be inserted at all N poses A·g (enforcement) and the pose search
 needs to cover only one pose in N (the asymmetric unit).
 
-Our setting (CryoSPARC's, docs/architecture.md §3), RELION's setting of the same name, and relion_to_ours(name):
+Our setting (CryoSPARC's, docs/architecture.md §3), RELION's setting of the same name,
+and relion_to_ours(name):
 
 ========  =======================================  ===============================  ==================
 name      ours                                     RELION                           R (RELION → ours)

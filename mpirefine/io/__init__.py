@@ -8,13 +8,12 @@ Public API::
     read_particles(path, project_dir=None) -> ParticleSet
     write_particles(out_dir, particle_set, rotations, shifts_A, split, scale)
     write_star(...), write_cs(...), write_relion_star(path, optics, particles)
-    ImageSource(particle_set).images(indices) / .chunks(indices, size)
+    ImageSource(particle_set).images(indices) / .batches(indices, size)
 """
 
 from mpirefine.io.cs import read_cs, write_cs
-from mpirefine.io.mrc import (MrcStack, StackInfo, open_stack, read_volume, stack_info,
-                              write_mrc, write_stack)
 from mpirefine.io.formats import read_particles, write_particles
+from mpirefine.io.mrc import MrcStack, StackInfo, open_stack, read_volume, stack_info, write_mrc, write_stack
 from mpirefine.io.particles import ImageSource, ParticleSet
 from mpirefine.io.star import read_star, write_relion_star, write_star
 

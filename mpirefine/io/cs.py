@@ -16,10 +16,9 @@ import numpy as np
 
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import matrix_to_rotvec, rotvec_to_matrix
-from mpirefine.io.particles import (ParticleSet, group_rows, header_pixel_size_A, portable_name,
-                                    resolve_stacks)
-from mpirefine.physics.ctf import CTFParams
 from mpirefine.io.atomic import atomic_path
+from mpirefine.io.particles import ParticleSet, group_rows, header_pixel_size_A, portable_name, resolve_stacks
+from mpirefine.physics.ctf import CTFParams
 
 _REQUIRED_BLOB = ("blob/path", "blob/idx")
 _REQUIRED_CTF = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm",

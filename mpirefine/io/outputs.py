@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mpirefine.errors import InputError
-from mpirefine.postprocess.fsc import shell_resolution_A
+from mpirefine.fourier.filters import shell_resolution_A
 from mpirefine.io.atomic import write_text_atomic
 
 #: files whose presence marks a folder as holding a previous job's results

@@ -282,8 +282,9 @@ class ImageSource:
             out[group] = block
         return out
 
-    def chunks(self, indices, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (index_block, images) for consecutive blocks of at most ``size`` indices."""
+    def batches(self, indices, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (indices, images) for consecutive image batches of at most ``size``
+        particles (``--image-batch-size``)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         size = max(1, int(size))
         for start in range(0, idx.size, size):

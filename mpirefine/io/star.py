@@ -21,10 +21,16 @@ import starfile
 
 from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
-from mpirefine.io.particles import (ParticleSet, check_numeric_finite, group_rows,
-                                    header_pixel_size_A, portable_name, resolve_stacks)
-from mpirefine.physics.ctf import CTFParams
 from mpirefine.io.atomic import atomic_path
+from mpirefine.io.particles import (
+    ParticleSet,
+    check_numeric_finite,
+    group_rows,
+    header_pixel_size_A,
+    portable_name,
+    resolve_stacks,
+)
+from mpirefine.physics.ctf import CTFParams
 
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS_A = ("rlnOriginXAngst", "rlnOriginYAngst")

@@ -43,13 +43,6 @@ def fsc_weight(fsc) -> np.ndarray:
     return np.sqrt(2.0 * f / (1.0 + f))
 
 
-def shell_resolution_A(n: int, pixel_size_A: float) -> np.ndarray:
-    """Resolution in Å of shells 0 .. n // 2 (inf for shell 0)."""
-    shells = np.arange(n // 2 + 1, dtype=float)
-    with np.errstate(divide="ignore"):
-        return n * pixel_size_A / shells
-
-
 def crossing_shell(curve, threshold: float = 0.143) -> float:
     """Fractional shell where the curve first falls below ``threshold`` (linear
     interpolation between shells; the last shell if it never does)."""

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import to_numpy
-from mpirefine.postprocess.fsc import fsc_weight
 from mpirefine.fourier.transforms import (
     centered_irfft3,
     centered_rfft3,
@@ -26,6 +25,7 @@ from mpirefine.fourier.transforms import (
     radius_3d,
     shell_sums,
 )
+from mpirefine.postprocess.fsc import fsc_weight
 
 #: fits with fewer shells than this are not trusted; the B-factor is then 0 (no sharpening)
 MIN_FIT_SHELLS = 3

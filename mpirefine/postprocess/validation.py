@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpirefine.backend import to_numpy
-from mpirefine.fourier.filters import lowpass
+from mpirefine.fourier.filters import lowpass, shell_resolution_A
+from mpirefine.geometry.spheres import radial_distance, soft_sphere
 from mpirefine.postprocess.fsc import (
     corrected_fsc,
     crossing_shell,
@@ -42,9 +43,8 @@ from mpirefine.postprocess.fsc import (
     randomization_shell,
     randomize_phases_beyond,
     resolution_A,
-    shell_resolution_A,
 )
-from mpirefine.postprocess.masks import radial_distance, soft_edge, soft_sphere, threshold_core
+from mpirefine.postprocess.masks import soft_edge, threshold_core
 
 TIGHT_A = (6.0, 12.0)               # (near, far) Å: CryoSPARC's documented tight FSC mask
 LOOSE_A = (25.0, 40.0)              # and its loose one

@@ -19,7 +19,7 @@ import numpy as np
 from mpirefine.errors import InputError
 
 
-def auto_batch_size(radius_px: float, epsilon: float, snrfactor: float,
+def auto_minibatch_size(radius_px: float, epsilon: float, snrfactor: float,
                     symmetry_order: int = 1) -> int:
     """Particles per iteration (both half sets together) for an alignment radius
     of ``radius_px`` Fourier pixels."""
@@ -27,7 +27,7 @@ def auto_batch_size(radius_px: float, epsilon: float, snrfactor: float,
     return int(math.ceil(2 * per_half))
 
 
-def choose_batch(n_particles: int, batch_size: int | None, seed: int, iteration: int) -> np.ndarray:
+def choose_minibatch(n_particles: int, batch_size: int | None, seed: int, iteration: int) -> np.ndarray:
     """Sorted indices of this iteration's particles (all of them if batch_size is None
     or not smaller than n_particles)."""
     if batch_size is None or batch_size >= n_particles:

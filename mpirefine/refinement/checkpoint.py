@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpirefine.io.atomic import atomic_path
 from mpirefine.errors import InputError
+from mpirefine.io.atomic import atomic_path
 
 FILENAME = "checkpoint.h5"
 FORMAT = "mpirefine-checkpoint"

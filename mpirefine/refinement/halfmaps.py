@@ -16,8 +16,8 @@ from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.reconstruct import reconstruct, ssnr_from_fsc
 from mpirefine.fourier.transforms import insertion_frequencies, phase_shift_2d
-from mpirefine.postprocess.fsc import fsc_curve, fsc_weight
 from mpirefine.io import ImageSource
+from mpirefine.postprocess.fsc import fsc_curve, fsc_weight
 from mpirefine.refinement.images import ctf_grid, prepare_images
 
 PAD = 2
@@ -71,7 +71,7 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
     with ImageSource(ps) as source:
         for half, mine in rank_share(par, split):
             acc = Accumulator.zeros(n, PAD, xp)
-            for idx, images in source.chunks(mine, image_batch_size):
+            for idx, images in source.batches(mine, image_batch_size):
                 insert_particles(acc, prepare_images(images, prep, xp),
                                  ctf_grid(ps.ctf.subset(idx), prep, xp), noise_weight,
                                  ps.rotations[idx], ps.shifts_A[idx] / prep.pixel_size_A,

@@ -1,6 +1,6 @@
 """From raw particle images to what the search and the backprojector consume.
 
-Each chunk of images is background-subtracted, windowed in real space (a soft
+Each image batch is background-subtracted, windowed in real space (a soft
 circle between the inner and outer window radii, as fractions of half the box),
 Fourier transformed, and paired with its CTF on the same half-plane grid.  No
 per-image intensity scaling is done: contrast differences between particles are
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpirefine.fourier.transforms import centered_rfft2, freq_grid_2d, radius_2d
-from mpirefine.postprocess.masks import radial_distance
+from mpirefine.fourier.transforms import centered_rfft2, freq_grid_2d
+from mpirefine.geometry.spheres import radial_distance
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 
 

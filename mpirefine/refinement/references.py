@@ -15,7 +15,7 @@ from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius
 from mpirefine.postprocess.fsc import fsc_weight
 
 
-def next_references(maps: dict, fsc, resolution_A: float, split_resolution_A: float,
+def next_references(maps: dict, fsc, split_resolution_A: float,
                     pixel_size_A: float, halves=(0, 1)) -> dict:
     """{half: (n, n, n) float32} references for ``halves`` (NumPy, host); both half
     maps are needed either way, for their shared low-resolution average."""

@@ -22,28 +22,26 @@ import time
 
 import numpy as np
 
-from mpirefine.backend import backend_name, to_numpy
-from mpirefine.fourier import compiled
-from mpirefine.refinement.batching import auto_batch_size, choose_batch, random_split
+from mpirefine.backend import backend_name
 from mpirefine.config import RefineConfig
 from mpirefine.errors import InputError
+from mpirefine.fourier import compiled
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
-from mpirefine.postprocess.fsc import crossing_shell, resolution_A
 from mpirefine.geometry.symmetry import point_group
-from mpirefine.refinement.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
 from mpirefine.io import ImageSource, read_particles, read_volume
-from mpirefine.postprocess.masks import dynamic_mask
 from mpirefine.parallel import shard_bounds
-from mpirefine.physics.noise import (NoiseModel, model_from_sums, residual_power_sums,
-                                     shell_power_sums)
+from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
+from mpirefine.postprocess.fsc import crossing_shell, resolution_A
+from mpirefine.postprocess.masks import dynamic_mask
+from mpirefine.refinement import restart
+from mpirefine.refinement.batching import auto_minibatch_size, choose_minibatch, random_split
+from mpirefine.refinement.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
 from mpirefine.refinement.images import ImagePrep, ctf_grid, prepare_images
 from mpirefine.refinement.references import next_references
-from mpirefine.search.plan import lattice_offsets, plan_search, run_search, search_reference
-from mpirefine.refinement import restart
 from mpirefine.refinement.state import Convergence, Job, ParticleState
-
+from mpirefine.search.plan import lattice_offsets, plan_search, run_search, search_reference
 
 # ----------------------------------------------------------------------------- prepare
 
@@ -143,7 +141,7 @@ def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
     sums = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
     with ImageSource(ps) as source:
-        for _, images in source.chunks(mine, job.cfg.image_batch_size):
+        for _, images in source.batches(mine, job.cfg.image_batch_size):
             s, c = shell_power_sums(prepare_images(images, job.prep, xp), n)
             sums += s
             counts += c
@@ -165,7 +163,7 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
         vft = volume_ft(job.references[0] * factor, pad=PAD)
         scales = []
         with ImageSource(ps) as source:
-            for idx, images in source.chunks(mine, job.cfg.image_batch_size):
+            for idx, images in source.batches(mine, job.cfg.image_batch_size):
                 f = prepare_images(images, job.prep, xp)
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
                 res = run_search(vft, f, c, job.noise, np.ones(len(idx)), plan)
@@ -185,19 +183,19 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
 
 # ----------------------------------------------------------------------------- iterate
 
-def batch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.ndarray:
+def minibatch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.ndarray:
     n_total = len(job.particles)
     if force_full or job.cfg.disable_auto_batchsize:
         return np.arange(n_total)
     radius = job.prep.box * job.prep.pixel_size_A / job.resolution_A
     order = len(job.symmetry) if job.enforce_symmetry else 1
-    size = auto_batch_size(radius, job.cfg.batchsize_epsilon, job.cfg.batchsize_snrfactor, order)
-    return choose_batch(n_total, size, job.cfg.seed, iteration)
+    size = auto_minibatch_size(radius, job.cfg.batchsize_epsilon, job.cfg.batchsize_snrfactor, order)
+    return choose_minibatch(n_total, size, job.cfg.seed, iteration)
 
 
-def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
+def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int,
                           timer) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Search every particle of this rank's share of the batch against its half's
+    """Search every particle of this rank's share of the minibatch against its half's
     reference and insert it; returns (accumulators, noise power sums, counts)."""
     par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
     n = ps.box
@@ -209,7 +207,7 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
     with ImageSource(ps) as source:
-        for half, mine in rank_share(par, job.split, batch):
+        for half, mine in rank_share(par, job.split, minibatch):
             acc = Accumulator.zeros(n, PAD, xp)
             ref = job.references[half]
             if job.static_mask is not None:
@@ -219,7 +217,7 @@ def align_and_backproject(job: Job, batch: np.ndarray, iteration: int,
             vft = volume_ft(ref, pad=PAD)
             lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
             shared = search_reference(vft, plan, lattice, job.symmetry, cfg.symmetry_relaxation)
-            for idx, images in source.chunks(mine, cfg.image_batch_size):
+            for idx, images in source.batches(mine, cfg.image_batch_size):
                 f = prepare_images(images, job.prep, xp)
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
                 with timer("search"):
@@ -274,7 +272,7 @@ def update_references(job: Job, halves) -> None:
             masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
                                      cfg.dynamic_mask_near, cfg.dynamic_mask_far,
                                      cfg.dynamic_mask_absolute) for h in own}
-        refs = next_references(maps, fsc, res, cfg.gsfsc_split_resolution_A, px, own)
+        refs = next_references(maps, fsc, cfg.gsfsc_split_resolution_A, px, own)
         if len(own) == 1:
             other = 1 - own[0]
             refs[other] = par.exchange_roots(refs[own[0]])
@@ -297,9 +295,9 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
     start = time.time()
     for iteration in range(first_iteration, cfg.max_iterations + 1):
         t0 = time.time()
-        batch = batch_for_iteration(job, iteration, force_full=rule.converged)
-        full = len(batch) == len(job.particles)
-        accs, power, counts = align_and_backproject(job, batch, iteration, timer)
+        minibatch = minibatch_for_iteration(job, iteration, force_full=rule.converged)
+        full = len(minibatch) == len(job.particles)
+        accs, power, counts = align_and_backproject(job, minibatch, iteration, timer)
         par.barrier()  # waiting for slower ranks counts as idle, not as communication
         job.noise = model_from_sums(par.allreduce_obj(power), par.allreduce_obj(counts),
                                     constant=False)
@@ -308,12 +306,12 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
                 par, accs, job.prep.box, job.symmetry if job.enforce_symmetry else None))
         res = job.resolution_A
         seconds = time.time() - t0
-        job.history.append({"iteration": iteration, "batch_size": int(len(batch)),
+        job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
                             "full_pass": full, "resolution_A": res, "seconds": seconds,
                             "alignment_resolution_A": job.alignment_resolution_A()})
         stop = rule.update(res, full)
         eta = _eta_text(job.history, rule.remaining if rule.converged else None)
-        log.info(f"iteration {iteration:3d}  batch {len(batch):7d}{' (all)' if full else '      '}  "
+        log.info(f"iteration {iteration:3d}  batch {len(minibatch):7d}{' (all)' if full else '      '}  "
                  f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
         with timer("checkpoint"):
             if par.is_root:
@@ -342,7 +340,7 @@ class _Termination:
         except ValueError:  # not the main thread (e.g. under a test runner's thread)
             pass
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, _signum, _frame) -> None:
         self.requested = True
 
 
@@ -358,7 +356,7 @@ def _eta_text(history: list, remaining: int | None) -> str:
 
 # ----------------------------------------------------------------------------- finish
 
-def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
+def finish(job: Job, wall_start: float, timings) -> dict | None:
     """Write every output on world rank 0; returns the summary there (None elsewhere).
 
     The reported resolution is the mask-corrected GSFSC of the auto-tightened FSC mask
@@ -366,12 +364,12 @@ def finish(job: Job, timer, wall_start: float, timings) -> dict | None:
     its Guinier B-factor undone up to that resolution (sharpen.py)."""
     from dataclasses import asdict
 
-    from mpirefine.refinement.halfmaps import fsc_weighted_average
     from mpirefine.io import write_mrc, write_particles
     from mpirefine.io.outputs import write_fsc_csv, write_json
     from mpirefine.postprocess.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
-    from mpirefine.report import write_report
     from mpirefine.postprocess.validation import fsc_suite
+    from mpirefine.refinement.halfmaps import fsc_weighted_average
+    from mpirefine.report import write_report
 
     if not job.par.is_root:
         return None
@@ -458,7 +456,7 @@ def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:
     if not finished and first <= cfg.max_iterations:
         iterate(job, timer, rule, first)
     timings = par.gather_timings()
-    summary = finish(job, timer, wall_start, timings)
+    summary = finish(job, wall_start, timings)
     if summary is not None:
         log.info(f"final GSFSC resolution {summary['final_resolution_A']:.2f} Å after "
                  f"{len(job.history)} iterations, {summary['wall_seconds']:.0f} s; "

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpirefine.refinement import checkpoint
 from mpirefine.errors import InputError
 from mpirefine.physics.noise import NoiseModel
+from mpirefine.refinement import checkpoint
 from mpirefine.refinement.state import Convergence, Job, ParticleState
 
 

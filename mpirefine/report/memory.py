@@ -45,8 +45,8 @@ def _half_plane_pixels(radius_px: float) -> int:
 def search_bytes(box: int, image_batch_size: int) -> int:
     """Pose-search working arrays with alignment at Nyquist (the search's own count)."""
     from mpirefine.geometry.grids import so3_grid
-    from mpirefine.search.poses import SearchParams, working_bytes
     from mpirefine.search.plan import COARSE_RADIUS_FRACTION, COARSE_STEP_DEG, MIN_COARSE_RADIUS_PX
+    from mpirefine.search.poses import SearchParams, working_bytes
 
     radius = box // 2 - 1
     coarse = min(radius, max(MIN_COARSE_RADIUS_PX, COARSE_RADIUS_FRACTION * radius))

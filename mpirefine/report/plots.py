@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
+from mpirefine.fourier.project import stack_real
 from mpirefine.fourier.transforms import freq_grid_2d, half_space_multiplicity
 
 
@@ -82,24 +83,11 @@ def shift_ramps(kx, ky, shifts_px, n: int):
     return (xp.cos(phase) + 1j * xp.sin(phase)).astype(xp.complex64)
 
 
-def stack_real(z):
-    """[Re z, Im z] along the last axis: (..., K) complex → (..., 2K) float32."""
-    xp = array_namespace(z)
-    return xp.concatenate([z.real, z.imag], axis=-1).astype(xp.float32, copy=False)
-
-
 def weighted_data(images_k, ctf_k, weights):
     """(w C X (B, K) complex64, w C² (B, K) float32) from images and CTFs at the search pixels."""
     xp = array_namespace(images_k)
     wc = weights * ctf_k
     return (wc * images_k).astype(xp.complex64), (wc * ctf_k).astype(xp.float32)
-
-
-def prepare_projections(projections):
-    """(stacked (..., 2K) float32 [Re P, Im P], power (..., K) float32 |P|²) for scoring."""
-    xp = array_namespace(projections)
-    power = (projections.real ** 2 + projections.imag ** 2).astype(xp.float32)
-    return stack_real(projections), power
 
 
 def score_shared(wcx, wc2, ramps, stacked, power):
@@ -142,22 +130,3 @@ def profile_log_likelihood(g, h):
     gp = xp.maximum(g, 0.0)
     out = gp * gp / (2.0 * xp.maximum(h, xp.finfo(h.dtype).tiny))
     return xp.where(g == -xp.inf, -xp.inf, out)
-
-
-def log_likelihood_reference(images_k, ctf_k, weights, scale, shifts_px, projections, kx, ky, n):
-    """L (B, T, R) by explicit loops over particles, shifts and rotations (float64).
-
-    The definition the dense scoring must reproduce; for tests only.
-    """
-    X, C, w = (np.asarray(v, dtype=np.complex128) for v in (images_k, ctf_k, weights))
-    P = np.asarray(projections, dtype=np.complex128)
-    kx, ky = np.asarray(kx, np.float64), np.asarray(ky, np.float64)
-    out = np.zeros((X.shape[0], len(shifts_px), P.shape[0]))
-    for b in range(X.shape[0]):
-        for t, (sx, sy) in enumerate(np.asarray(shifts_px, np.float64)):
-            ramp = np.exp(-2j * np.pi * (kx * sx + ky * sy) / n)
-            for r in range(P.shape[0]):
-                cross = np.sum(w * C[b] * X[b] * ramp * np.conj(P[r])).real
-                power = np.sum(w * C[b] ** 2 * np.abs(P[r]) ** 2).real
-                out[b, t, r] = scale[b] * cross - 0.5 * scale[b] ** 2 * power
-    return out

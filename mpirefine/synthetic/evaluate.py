@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpirefine.postprocess.fsc import fsc_curve, resolution_A
 from mpirefine.geometry.rotations import angular_distance_deg
 from mpirefine.geometry.symmetry import point_group
+from mpirefine.postprocess.fsc import fsc_curve, resolution_A
 
 
 def octahedral_group() -> np.ndarray:
