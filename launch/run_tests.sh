@@ -3,7 +3,7 @@
 # make a virtual environment if there is none, install mpirefine with its test extra
 # (this brings the mpich wheel, so MPI needs nothing from the system), then run
 #   (0) the linter:                          ruff check .
-#   (a) the serial tests:                    python -m pytest -q tests
+#   (a) the serial tests:                    python -m pytest -q -m 'not mpi' tests
 #   (b) the MPI tests on 2 ranks:  mpiexec -n 2 python -m pytest -q --with-mpi -m mpi tests
 # Exits non-zero if either part fails ("no tests collected" counts as a failure).
 #
@@ -62,8 +62,8 @@ run_tests() {
 
     echo "== serial tests"
     local serial_status=0
-    # -rs: every skipped test is listed with its reason
-    "$VENV_PYTHON" -m pytest -q -rs tests "$@" || serial_status=$?
+    # -rs: every skipped test is listed with its reason; the MPI tests run below
+    "$VENV_PYTHON" -m pytest -q -rs -m "not mpi" tests "$@" || serial_status=$?
 
     echo "== MPI tests on 2 ranks ($VENV_MPIEXEC)"
     local mpi_status=0
