@@ -320,3 +320,19 @@ def test_alignment_other_groups(name):
     else:
         assert min(angular_distance_deg(R @ Q, g)[0] for g in G) < 1.0
     assert score > 0.98
+
+
+def test_cn_alignment_never_moves_the_map_along_its_axis():
+    """A Cn map is symmetric under any move along its n-fold: the alignment shifts it
+    only across the axis (onto the box centre) and leaves its height in the box."""
+    G = point_group("C4")
+    rng = np.random.default_rng(8)
+    atoms = rng.normal(size=(30, 3)) * 10.0
+    atoms = np.concatenate([atoms @ g.T for g in G])
+    offset_A = np.array([4.0, -8.0, 12.0])                 # across the axis and along it
+    volume = density_from_atoms(atoms + offset_A, 32, 4.0, center_A=np.zeros(3), sigma_A=3.0)
+    R, shift_A, score = align_symmetry_axes(volume, "C4", 4.0)
+    axis = R.T @ np.array([0.0, 0.0, 1.0])
+    assert abs(shift_A @ axis) < 1e-9, shift_A
+    np.testing.assert_allclose(shift_A[:2], -offset_A[:2], atol=1.0)
+    assert score > 0.98

@@ -7,7 +7,8 @@ axes (geometry/symmetry.py) through the box centre.  An input map from elsewhere
 first iteration we
 
 1. centre it on its centre of mass (every symmetry axis passes through that point;
-   the returned shift is this centring), then
+   the returned shift is this centring, refined to the axes' common point; for Cn
+   only its part across the axis, since a move along the axis is free), then
 2. find the rotation R that makes the centred map V best agree with its own copies
    under the group: the map W(x) = V(Rᵀx) is G-symmetric when V is symmetric under
    Rᵀ·g·R, so we score R by the mean correlation between V and V∘(Rᵀ·g·R) over the
@@ -280,6 +281,11 @@ def align_symmetry_axes(volume, group_name: str, pixel_size_A: float,
     if Rotation.from_matrix(R).magnitude() < np.radians(2 * tolerance_deg):
         R = np.eye(3)   # already on the axes: leave the map unturned
     score = _Scorer(fourier_crop(centred, fine_box), group[1:], order=3)(R)
+    if cyclic:
+        # a Cn map keeps its symmetry under any move along its axis: make none, so the
+        # map stays where it was along the axis (only the centring across it counts)
+        axis = R.T @ np.array([0.0, 0.0, 1.0])
+        shift_px = shift_px - (shift_px @ axis) * axis
     return R, shift_px * pixel_size_A, score
 
 
