@@ -1,5 +1,6 @@
 """The report: every figure drawn from a refinement's files, a self-contained page
-that embeds them, graceful gaps, and the conventions behind the figures."""
+that embeds them, graceful gaps, the conventions behind the figures, and the orientation
+diagnostics (conical FSC area ratio, sampling compensation factor)."""
 
 import base64
 import json
@@ -17,13 +18,45 @@ from mpirefine.config import RefineConfig
 from mpirefine.geometry.rotations import euler_to_matrix
 from mpirefine.io import write_mrc, write_relion_star
 from mpirefine.io.outputs import write_fsc_csv
-from mpirefine.postprocess.fsc import resolution_A
+from mpirefine.postprocess.fsc import fsc_curve, resolution_A
 from mpirefine.report import write_report
+from mpirefine.report.orientation import (
+    conical_fsc,
+    fibonacci_hemisphere,
+    sampling_compensation_factor,
+    symmetry_expanded,
+)
 from mpirefine.report.plots import crossing_frequency, read_fsc_csv, shell_power, viewing_directions
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, PIXEL_A, N = 24, 2.0, 300
-ALL_FIGURES = ("fsc", "guinier", "iterations", "viewing_directions", "scale", "noise_model")
+ALL_FIGURES = ("map_slices", "fsc", "guinier", "iterations", "viewing_directions",
+               "conical_fsc_map", "conical_fsc", "scale", "noise_model")
+ORIENTATION_FIGURES = ("conical_fsc_map", "conical_fsc")
+
+
+def half_maps(n, seed=0, anisotropic=False, cone_deg=30.0, from_shell=4):
+    """Two half maps of one random signal (power falling as a Gaussian, FSC 0.143 near
+    shell n / 3) with independent white noise.  anisotropic: half B holds only noise in
+    Fourier directions within cone_deg of the z axis (array axis 0) from from_shell on, as
+    if no view were perpendicular to z."""
+    rng = np.random.default_rng(seed)
+    k = np.fft.fftfreq(n) * n
+    kz = k[:, None, None]
+    radius = np.sqrt(kz ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
+
+    def white():
+        return rng.normal(size=radius.shape) + 1j * rng.normal(size=radius.shape)
+
+    signal = 6.0 * np.exp(-(radius / (0.2 * n)) ** 2) * white()
+    halves = []
+    for h in range(2):
+        f = signal + white()
+        if anisotropic and h == 1:
+            f = np.where((np.abs(kz) >= np.cos(np.radians(cone_deg)) * radius)
+                         & (radius >= from_shell), white(), f)
+        halves.append(np.fft.irfftn(f, s=(n, n, n), axes=(0, 1, 2)).astype(np.float32))
+    return halves
 
 
 def fsc_like(n, cutoff_shell):
@@ -35,8 +68,14 @@ def fake_output(folder: Path, optional=True) -> Path:
     """A refinement's output folder in miniature (no stacks: the report needs none)."""
     folder.mkdir(parents=True, exist_ok=True)
     z, y, x = np.mgrid[:BOX, :BOX, :BOX] - BOX / 2
-    write_mrc(folder / "map.mrc", np.exp(-(x * x + y * y + z * z) / 10.0).astype(np.float32),
-              PIXEL_A)
+    blob = np.exp(-(x * x + y * y + z * z) / 10.0).astype(np.float32)
+    write_mrc(folder / "map.mrc", blob, PIXEL_A)
+    if optional:
+        write_mrc(folder / "map_sharp.mrc", blob, PIXEL_A)
+        write_mrc(folder / "mask_fsc.mrc", (x * x + y * y + z * z < 64).astype(np.float32),
+                  PIXEL_A)
+        for name, half in zip("AB", half_maps(BOX)):
+            write_mrc(folder / f"map_half_{name}.mrc", half, PIXEL_A)
     write_fsc_csv(folder / "fsc.csv", {"fsc_no_mask": fsc_like(BOX, 5), "fsc_loose": fsc_like(BOX, 6),
                                       "fsc_tight": fsc_like(BOX, 7), "fsc_corrected": fsc_like(BOX, 6.5)},
                   BOX, PIXEL_A)
@@ -93,10 +132,13 @@ def test_missing_optional_inputs_are_named_not_fatal(tmp_path):
     page = Path(write_report(str(out))).read_text(encoding="utf-8")
     for name in ("fsc", "guinier", "iterations"):
         assert (out / "plots" / f"{name}.png").exists()
-    for name in ("viewing_directions", "scale", "noise_model"):
+    for name in ("viewing_directions", "scale", "noise_model", *ORIENTATION_FIGURES):
         assert not (out / "plots" / f"{name}.png").exists()
     assert "Not shown" in page and "noise_sigma2 in summary.json" in page
     assert "angles in particles.star or particles.cs" in page
+    assert "map_half_A.mrc and map_half_B.mrc" in page
+    assert (out / "plots" / "map_slices.png").exists()      # map.mrc stands in for map_sharp.mrc
+    assert "cFAR" not in page and "SCF*" not in page
     assert "B-factor" not in page.split("<h2>")[0]        # no B-factor card without the key
 
 
@@ -162,3 +204,70 @@ def test_report_command_on_a_real_reconstruction(tmp_path):
     bad = subprocess.run(run + ["report", str(data / "nothere")], capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nothere" in bad.stderr
+
+
+# --------------------------------------------------------------- orientation diagnostics
+
+
+def test_report_shows_slices_and_orientation_diagnostics(tmp_path):
+    out = fake_output(tmp_path / "run")
+    page = Path(write_report(str(out))).read_text(encoding="utf-8")
+    metrics = json.loads((out / "plots" / "orientation.json").read_text())
+    assert 0.0 <= metrics["cfar"] <= 1.0 and metrics["n_cones"] >= 100
+    assert metrics["cone_half_angle_deg"] == 20.0 and metrics["n_views"] == N
+    for name in ("map_slices", *ORIENTATION_FIGURES):
+        assert f'id="{name}"' in page, name
+    assert '<figure id="map_slices" class="wide">' in page
+    assert f"<b>cFAR = {metrics['cfar']:.2f}</b>" in page
+    assert f"<b>SCF* = {metrics['scf_star']:.2f}</b>" in page
+    assert f'<div class="v">{metrics["cfar"]:.2f}</div><div class="k">cFAR' in page
+    # the conical map sits right after the viewing directions: side by side in the grid
+    assert page.index('id="viewing_directions"') < page.index('id="conical_fsc_map"')
+    assert re.search(r'id="viewing_directions".*?</figure><figure id="conical_fsc_map"', page)
+
+
+def test_conical_fsc_over_the_whole_sphere_is_the_fsc():
+    a, b = half_maps(32)
+    mask = np.ones_like(a)
+    cones = conical_fsc(a, b, 1.0, mask=mask, half_angle_deg=90.0)
+    np.testing.assert_allclose(cones.full, fsc_curve(a, b, mask), atol=1e-6)
+    np.testing.assert_allclose(cones.curves, np.broadcast_to(cones.full, cones.curves.shape),
+                               atol=1e-9)
+    assert cones.cfar == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cfar_is_near_one_for_isotropic_half_maps(seed):
+    cones = conical_fsc(*half_maps(48, seed), PIXEL_A)
+    assert 12 < cones.cutoff_shell < 20                    # the FSC falls mid-way
+    assert cones.cfar > 0.8, cones.cfar                    # measured 0.85, 0.87
+    assert len(cones.directions) >= 100
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cfar_is_low_when_a_cone_of_directions_is_noise(seed):
+    cones = conical_fsc(*half_maps(48, seed, anisotropic=True), PIXEL_A)
+    assert cones.cfar < 0.5, cones.cfar                    # measured 0.30, 0.28
+    worst = cones.directions[np.argmin(cones.areas)]        # (x, y, z): along the map's z axis
+    assert abs(worst[2]) > 0.9, worst
+    res = cones.resolution_A()
+    assert res[np.argmin(cones.areas)] > 2 * res.min()
+
+
+def test_sampling_compensation_factor():
+    rng = np.random.default_rng(0)
+    uniform = rng.normal(size=(20000, 3))
+    scf, star = sampling_compensation_factor(uniform)
+    assert scf > 0.95 and star == pytest.approx(scf)        # every direction sampled
+    few = sampling_compensation_factor(uniform[:300])         # a thinner shell: still ~1
+    assert few[1] > 0.85, few
+    near_z = fibonacci_hemisphere(20000)
+    near_z = near_z[near_z[:, 2] > np.cos(np.radians(30))]  # top views only: a missing cone
+    assert sampling_compensation_factor(near_z)[1] < 0.2
+    # C4: four copies of every view, turned about z
+    one = np.array([[1.0, 0.0, 0.0]])
+    expanded = symmetry_expanded(one, "C4")
+    assert expanded.shape == (4, 3)
+    assert {tuple(np.round(v, 9) + 0.0) for v in expanded} == {
+        (1, 0, 0), (0, 1, 0), (-1, 0, 0), (0, -1, 0)}
+    assert symmetry_expanded(one, "C1") is one

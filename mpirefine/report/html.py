@@ -2,8 +2,9 @@
 
 The page embeds its figures as base64 PNG data URIs and carries its own CSS, so it
 reads offline, mailed or copied anywhere.  It shows the resolution, the figures of
-:mod:`mpirefine.report.plots`, the iterations, the time each rank spent on each task
-and every parameter (those changed from their defaults in bold).
+:mod:`mpirefine.report.plots` (slices and projections of the map, the conical FSCs and
+their cFAR, the views and their SCF among them), the iterations, the time each rank
+spent on each task and every parameter (those changed from their defaults in bold).
 """
 
 from __future__ import annotations
@@ -35,35 +36,59 @@ h1 { font-size: 1.5em; margin: 0 0 4px; } h2 { font-size: 1.15em; margin-top: 2e
 .figs { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 16px; }
 figure { margin: 0; border: 1px solid #eee; border-radius: 6px; padding: 8px; }
 figure img { width: 100%; height: auto; }
+figure.wide { grid-column: 1 / -1; }
+figure.wide img { max-width: 1000px; display: block; margin: 0 auto; }
 figcaption { font-size: 0.85em; color: #555; margin-top: 4px; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 6px 0; }
 th, td { border-bottom: 1px solid #eee; padding: 3px 10px; text-align: right; }
 th { background: #f3f4f7; } td.l, th.l { text-align: left; }
 .params { columns: 2 360px; font-size: 0.88em; }
 .params div { break-inside: avoid; padding: 1px 0; } .params .changed { font-weight: 600; }
+.warn { color: #a94442; font-weight: 600; }
 .note { color: #8a6d3b; background: #fcf8e3; padding: 6px 10px; border-radius: 4px; }
 footer { color: #888; font-size: 0.8em; margin-top: 32px; }
 """
 
 # name → (title, caption); the order of the figures on the page
 FIGURES = {
+    "map_slices": ("The map by eye", "Central slices (top) and projections (sums, bottom) of "
+                   "the sharpened map (map_sharp.mrc, else map.mrc) along Z, Y and X, grey "
+                   "levels from the 1st to the 99.9th percentile of each panel; orange: the "
+                   "FSC mask's outline at 0.5 (mask_fsc.mrc; over a projection, the outline "
+                   "of its shadow)."),
     "fsc": ("Fourier shell correlation", "Half-map FSC per mask; dotted lines mark where "
             "each curve crosses 0.143 (the gold-standard resolution)."),
     "guinier": ("Guinier plot", "ln of the mean |F|² per shell against 1/d², of map.mrc and "
                 "of the FSC-weighted average of the half maps that the B-factor is fitted on "
                 "(as relion_postprocess does); the line is the fit over the shaded range."),
-    "iterations": ("Resolution per iteration", "GSFSC resolution after each iteration; "
-                   "below, the minibatch size and the iteration's wall time."),
     "viewing_directions": ("Viewing directions", "Where the beam points in the map's frame, "
                            "per particle; empty regions are views the data lack."),
+    "conical_fsc_map": ("Resolution by direction (conical FSC)", "FSC between the half maps "
+                        "(times mask_fsc.mrc where present) within a ±20° double cone around each Fourier "
+                        "direction; colour: the area under that cone's FSC relative to the "
+                        "largest, on the viewing directions' axes. A Fourier direction is "
+                        "measured by the views whose beam is perpendicular to it, so a dark "
+                        "spot means few views on the great circle 90° away from it."),
+    "conical_fsc": ("Conical FSC curves", "The spread of the conical FSCs, the cones of lowest "
+                    "and highest area and the FSC over all directions of the same masked half "
+                    "maps; areas are taken from the origin to where that FSC crosses 0.143."),
+    "iterations": ("Resolution per iteration", "GSFSC resolution after each iteration; "
+                   "below, the minibatch size and the iteration's wall time."),
     "scale": ("Per-particle scale", "Distribution of the per-particle scale factors."),
     "noise_model": ("Noise model", "Final noise variance σ² per frequency shell."),
 }
+#: figures drawn across the page's whole width
+WIDE_FIGURES = ("map_slices",)
 # name → what the figure is drawn from (said when it is missing)
-SOURCES = {"fsc": "fsc.csv", "guinier": "map.mrc", "iterations": "iterations in summary.json",
+SOURCES = {"map_slices": "map_sharp.mrc or map.mrc", "fsc": "fsc.csv", "guinier": "map.mrc",
+           "iterations": "iterations in summary.json",
            "viewing_directions": "angles in particles.star or particles.cs",
+           "conical_fsc_map": "map_half_A.mrc and map_half_B.mrc",
+           "conical_fsc": "map_half_A.mrc and map_half_B.mrc",
            "scale": "scales in particles.star or particles.cs",
            "noise_model": "noise_sigma2 in summary.json"}
+#: CryoSPARC's readings of the orientation diagnostics
+CFAR_ANISOTROPIC, SCF_STAR_ANISOTROPIC = 0.5, 0.81
 
 
 def _load_summary(out_dir: str) -> dict:
@@ -128,24 +153,86 @@ def guinier_fit(summary: dict) -> dict | None:
     return None
 
 
-def make_plots(out_dir: str, summary: dict) -> tuple[dict, dict]:
+def _map_for_slices(out_dir: str) -> str:
+    for name in ("map_sharp.mrc", "map.mrc"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    return os.path.join(out_dir, "map_sharp.mrc")
+
+
+def conical_fsc_of(out_dir: str):
+    """The conical FSCs of the folder's half maps (masked by mask_fsc.mrc when it is there
+    and fits), or None without both half maps; see :mod:`mpirefine.report.orientation`."""
+    from mpirefine.io import read_volume
+    from mpirefine.report.orientation import conical_fsc
+
+    paths = [os.path.join(out_dir, f"map_half_{h}.mrc") for h in "AB"]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    (half_a, px), (half_b, _) = (read_volume(p) for p in paths)
+    mask = None
+    mask_path = os.path.join(out_dir, "mask_fsc.mrc")
+    if os.path.isfile(mask_path):
+        mask, _ = read_volume(mask_path)
+        mask = mask if mask.shape == half_a.shape else None
+    return conical_fsc(half_a, half_b, px or 1.0, mask=mask)
+
+
+def orientation_metrics(cones, rotations, symmetry) -> dict:
+    """cFAR and its cone summary from a ConicalFSC (or None), SCF and SCF* from the
+    particles' RELION matrices (or None), as plain numbers for the page and JSON."""
+    from mpirefine.report.orientation import (
+        SCF_MAX_VIEWS,
+        sampling_compensation_factor,
+        scf_fourier_radius,
+        symmetry_expanded,
+    )
+
+    metrics = {}
+    if cones is not None:
+        res = cones.resolution_A()
+        metrics.update(cfar=cones.cfar, cone_half_angle_deg=cones.half_angle_deg,
+                       n_cones=int(len(cones.areas)), cfar_limit_A=cones.cutoff_resolution_A,
+                       conical_resolution_A=[float(res.min()), float(res.max())])
+    if rotations is not None and len(rotations):
+        views = symmetry_expanded(np.asarray(rotations)[:, 2, :], symmetry)
+        scf, scf_star = sampling_compensation_factor(views)
+        metrics.update(scf=scf, scf_star=scf_star, n_views=int(len(rotations)),
+                       symmetry=symmetry or "C1",
+                       scf_fourier_radius=scf_fourier_radius(min(len(views), SCF_MAX_VIEWS)))
+    return metrics
+
+
+def make_plots(out_dir: str, summary: dict, metrics: dict | None = None) -> tuple[dict, dict]:
     """Draw every figure the folder has data for into out_dir/plots/.
 
     Returns ({name: png path}, {name: why it is missing}).  A figure that fails is
     reported, never fatal: the report is written at the very end of a long job.
+    ``metrics``, when given, receives the orientation diagnostics (cFAR, SCF, SCF*; see
+    :func:`orientation_metrics`), which are also written to plots/orientation.json.
     """
     from mpirefine.report import plots
 
     plots_dir = os.path.join(out_dir, "plots")
     resolution = final_resolution_A(summary, out_dir)
-    poses = {}
+    poses, cones = {}, {}
+    metrics = {} if metrics is None else metrics
 
     def rotations_and_scale():
         if not poses:
             poses["r"], poses["s"] = read_poses(out_dir)
         return poses["r"], poses["s"]
 
+    def conical():
+        if not cones:
+            cones["c"] = None                      # a failure is not retried
+            cones["c"] = conical_fsc_of(out_dir)
+        return cones["c"]
+
     makers = {
+        "map_slices": lambda: plots.plot_map_slices(_map_for_slices(out_dir),
+                                                    os.path.join(out_dir, "mask_fsc.mrc"),
+                                                    plots_dir),
         "fsc": lambda: plots.plot_fsc(os.path.join(out_dir, "fsc.csv"), plots_dir),
         "guinier": lambda: plots.plot_guinier(os.path.join(out_dir, "map.mrc"), plots_dir,
                                               resolution, guinier_fit(summary),
@@ -153,6 +240,8 @@ def make_plots(out_dir: str, summary: dict) -> tuple[dict, dict]:
         "iterations": lambda: plots.plot_iterations(summary.get("iterations") or [], plots_dir),
         "viewing_directions": lambda: plots.plot_viewing_directions(rotations_and_scale()[0],
                                                                     plots_dir),
+        "conical_fsc_map": lambda: plots.plot_conical_map(conical(), plots_dir),
+        "conical_fsc": lambda: plots.plot_conical_fsc(conical(), plots_dir),
         "scale": lambda: plots.plot_scale_histogram(rotations_and_scale()[1], plots_dir),
         "noise_model": lambda: plots.plot_noise_model(summary.get("noise_sigma2"),
                                                       summary.get("box"),
@@ -170,6 +259,15 @@ def make_plots(out_dir: str, summary: dict) -> tuple[dict, dict]:
             missing[name] = f"needs {SOURCES[name]}"
         else:
             made[name] = path
+    try:
+        symmetry = summary.get("symmetry") or (summary.get("config") or {}).get("symmetry")
+        metrics.update(orientation_metrics(cones.get("c"), poses.get("r"), symmetry))
+        if metrics:
+            os.makedirs(plots_dir, exist_ok=True)
+            write_text_atomic(os.path.join(plots_dir, "orientation.json"),
+                              json.dumps(metrics, indent=1) + "\n")
+    except Exception as exc:  # noqa: BLE001 — as for a figure
+        log.warning(f"report: the orientation diagnostics failed: {type(exc).__name__}: {exc}")
     return made, missing
 
 
@@ -205,7 +303,7 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _cards(summary: dict, resolution) -> str:
+def _cards(summary: dict, resolution, metrics: dict | None = None) -> str:
     cards = [("GSFSC resolution (0.143)", f"{resolution:.2f} Å" if resolution else "–"),
              ("particles", _num(summary.get("n_particles", "–"))),
              ("box", f"{summary['box']} px" if "box" in summary else "–"),
@@ -215,6 +313,11 @@ def _cards(summary: dict, resolution) -> str:
              ("wall time", _duration(summary.get("wall_seconds")))]
     if isinstance(summary.get("bfactor_A2"), (int, float)):
         cards.insert(1, ("B-factor", f"{summary['bfactor_A2']:.0f} Å²"))
+    metrics = metrics or {}
+    if "cfar" in metrics:
+        cards.append(("cFAR (orientation)", f"{metrics['cfar']:.2f}"))
+    if "scf_star" in metrics:
+        cards.append(("SCF* (views)", f"{metrics['scf_star']:.2f}"))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">'
         f'{html.escape(k)}</div></div>' for k, v in cards) + "</div>"
@@ -270,8 +373,43 @@ def _parameters(config: dict) -> str:
             + "".join(items) + "</div>")
 
 
-def build_html(out_dir: str, summary: dict, made: dict, missing: dict) -> str:
-    """The page as a string (figures embedded)."""
+def _orientation_notes(metrics: dict) -> dict:
+    """Extra caption HTML for the orientation figures: the cFAR and SCF values and how to
+    read them (CryoSPARC's thresholds)."""
+    notes = {}
+    if "cfar" in metrics:
+        cfar = metrics["cfar"]
+        lo, hi = metrics["conical_resolution_A"]
+        verdict = (f'<span class="warn">below {CFAR_ANISOTROPIC}: the resolution is '
+                   "anisotropic (CryoSPARC's reading), most often from preferred orientation"
+                   "</span>" if cfar < CFAR_ANISOTROPIC else
+                   f"at or above {CFAR_ANISOTROPIC}, where CryoSPARC sees no marked anisotropy")
+        notes["conical_fsc_map"] = (
+            f"<br><b>cFAR = {cfar:.2f}</b> (conical FSC area ratio: the smallest cone's area "
+            f"is {100 * cfar:.0f} % of the largest; areas up to "
+            f"{metrics['cfar_limit_A']:.2f} Å; {metrics['n_cones']} cones of "
+            f"±{metrics['cone_half_angle_deg']:g}°, conical resolutions {lo:.2f}–{hi:.2f} Å). "
+            f"About 1 means the same resolution in every direction; this value is {verdict}.")
+    if "scf_star" in metrics:
+        star = metrics["scf_star"]
+        verdict = (f'<span class="warn">below {SCF_STAR_ANISOTROPIC}: the views sample Fourier '
+                   "space unevenly</span>" if star < SCF_STAR_ANISOTROPIC else
+                   f"at or above {SCF_STAR_ANISOTROPIC}, CryoSPARC's bound for even sampling")
+        sym = metrics.get("symmetry") or "C1"
+        notes["viewing_directions"] = (
+            f"<br><b>SCF* = {star:.2f}</b> (SCF {metrics['scf']:.2f}; sampling compensation "
+            f"factor of Baldwin &amp; Lyumkis 2020 from the {metrics['n_views']:,} views"
+            f"{'' if sym.upper() == 'C1' else f', expanded by {html.escape(sym)}'}, on the "
+            f"shell of radius {metrics['scf_fourier_radius']:g} Fourier pixels): 1 for "
+            f"uniform views, lower when the views fill Fourier space unevenly; this value is "
+            f"{verdict}.")
+    return notes
+
+
+def build_html(out_dir: str, summary: dict, made: dict, missing: dict,
+               metrics: dict | None = None) -> str:
+    """The page as a string (figures embedded); ``metrics``: make_plots's orientation
+    diagnostics (cFAR, SCF) for the cards and captions."""
     from mpirefine import __version__
     from mpirefine.report.memory import human_bytes
 
@@ -279,13 +417,16 @@ def build_html(out_dir: str, summary: dict, made: dict, missing: dict) -> str:
     title = f"mpirefine {summary.get('command', 'refine')} — {os.path.basename(out_dir)}"
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="sub">{html.escape(os.path.abspath(out_dir))}</p>',
-             _cards(summary, resolution), _fsc_table(out_dir), "<h2>Figures</h2>",
+             _cards(summary, resolution, metrics), _fsc_table(out_dir), "<h2>Figures</h2>",
              '<div class="figs">']
+    notes = _orientation_notes(metrics or {})
     for name, (fig_title, caption) in FIGURES.items():
         if name in made:
-            parts.append(f'<figure id="{name}"><img alt="{html.escape(fig_title)}" '
+            wide = ' class="wide"' if name in WIDE_FIGURES else ""
+            parts.append(f'<figure id="{name}"{wide}><img alt="{html.escape(fig_title)}" '
                          f'src="{_png_uri(made[name])}"><figcaption><b>{html.escape(fig_title)}'
-                         f"</b>. {html.escape(caption)}</figcaption></figure>")
+                         f"</b>. {html.escape(caption)}{notes.get(name, '')}</figcaption>"
+                         "</figure>")
     parts.append("</div>")
     if missing:
         parts.append('<p class="note">Not shown: ' + "; ".join(
@@ -314,8 +455,9 @@ def write_report(out_dir: str) -> str:
     """Draw the figures into out_dir/plots/ and write out_dir/report.html; returns its path."""
     out_dir = os.path.abspath(out_dir)
     summary = _load_summary(out_dir)
-    made, missing = make_plots(out_dir, summary)
-    page = build_html(out_dir, summary, made, missing)
+    metrics = {}
+    made, missing = make_plots(out_dir, summary, metrics)
+    page = build_html(out_dir, summary, made, missing, metrics)
     path = os.path.join(out_dir, "report.html")
     write_text_atomic(path, page)
     return path

@@ -261,3 +261,127 @@ def plot_noise_model(sigma2, box: int | None, pixel_size_A: float | None,
     if known:
         _resolution_axis(ax)
     return _save(fig, plots_dir, "noise_model")
+
+
+# ------------------------------------------------------------------ the map by eye
+
+#: the three views of a map indexed [z, y, x]: (summed / sliced array axis, title,
+#: horizontal axis, vertical axis); images are drawn with the origin at the lower left
+MAP_VIEWS = ((0, "XY (along Z)", "X", "Y"), (1, "XZ (along Y)", "X", "Z"),
+             (2, "YZ (along X)", "Y", "Z"))
+
+
+def plot_map_slices(map_path: str, mask_path: str | None, plots_dir: str) -> str | None:
+    """Central slices (top row) and projections (sums, bottom row) of a map along Z, Y
+    and X, with the mask's outline at 0.5 over them (over a projection: the outline of
+    the mask's shadow, i.e. its maximum along the axis).  Axes in Å from the box centre."""
+    from mpirefine.io import read_volume
+
+    if not os.path.isfile(map_path):
+        return None
+    volume, px = read_volume(map_path)
+    px = px or 1.0
+    n = volume.shape[0]
+    mask = None
+    if mask_path and os.path.isfile(mask_path):
+        mask, _ = read_volume(mask_path)
+        if mask.shape != volume.shape:
+            mask = None
+    c = n // 2
+    extent = (-c * px, (n - c) * px, -c * px, (n - c) * px)
+    fig, axes = plt.subplots(2, 3, figsize=(11.5, 7.6))
+    for col, (axis, title, h_label, v_label) in enumerate(MAP_VIEWS):
+        panels = ((np.take(volume, c, axis=axis), None if mask is None else np.take(mask, c, axis=axis),
+                   f"central slice {title[:2]}"),
+                  (volume.sum(axis=axis), None if mask is None else mask.max(axis=axis),
+                   f"projection {title}"))
+        for row, (image, outline, label) in enumerate(panels):
+            ax = axes[row, col]
+            lo, hi = np.percentile(image, [1.0, 99.9])
+            ax.imshow(image, cmap="gray", origin="lower", extent=extent, vmin=lo,
+                      vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+            if outline is not None and outline.min() < 0.5 < outline.max():
+                centres = (np.arange(n) - c + 0.5) * px
+                ax.contour(centres, centres, outline, levels=[0.5], colors="#ff7f0e",
+                           linewidths=1.0)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel(f"{h_label} (Å)", fontsize=8)
+            ax.set_ylabel(f"{v_label} (Å)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{os.path.basename(map_path)} ({n} px, {px:g} Å/px)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plots_dir, "map_slices")
+
+
+# ------------------------------------------------------------------ orientation diagnostics
+
+def _sphere_raster(directions: np.ndarray, values: np.ndarray, width_deg: float = 5.0,
+                   n_az: int = 120, n_el: int = 60):
+    """Values given at hemisphere directions (a direction stands for ±d) smoothed onto an
+    azimuth × sin(elevation) raster of the whole sphere (Gaussian weights in the angle)."""
+    az = np.radians(np.linspace(-180, 180, n_az + 1))
+    s = np.linspace(-1, 1, n_el + 1)
+    azc, sc = 0.5 * (az[1:] + az[:-1]), 0.5 * (s[1:] + s[:-1])
+    sc, azc = np.meshgrid(sc, azc, indexing="ij")
+    rc = np.sqrt(1 - sc * sc)
+    u = np.stack([rc * np.cos(azc), rc * np.sin(azc), sc], axis=-1).reshape(-1, 3)
+    angle = np.degrees(np.arccos(np.clip(np.abs(u @ directions.T), 0.0, 1.0)))
+    w = np.exp(-(angle / width_deg) ** 2)
+    raster = (w @ values) / np.maximum(w.sum(axis=1), 1e-300)
+    return np.degrees(az), s, raster.reshape(n_el, n_az)
+
+
+def plot_conical_map(result, plots_dir: str) -> str | None:
+    """Each cone's FSC area relative to the largest (so the minimum is the cFAR) over
+    the sphere of Fourier directions, on the viewing-direction plot's axes (azimuth ×
+    elevation, equal areas); the lowest and highest cones are marked."""
+    if result is None:
+        return None
+    rel = result.areas / max(float(result.areas.max()), 1e-300)
+    az, s, raster = _sphere_raster(result.directions, rel)
+    fig, ax = plt.subplots(figsize=WIDE)
+    mesh = ax.pcolormesh(az, s, raster, cmap="magma", vmin=0.0, vmax=1.0, shading="flat")
+    fig.colorbar(mesh, ax=ax, label="conical FSC area / largest")
+    for k, marker, label in ((int(np.argmin(rel)), "v", "lowest"), (int(np.argmax(rel)), "^",
+                                                                        "highest")):
+        d = result.directions[k]
+        for sign in (1, -1):
+            x, y, z = sign * d
+            ax.plot(np.degrees(np.arctan2(y, x)), z, marker, ms=8, mec="k", mfc="w",
+                    label=label if sign == 1 else None, clip_on=False)
+    el_ticks = np.array([-90, -45, -20, 0, 20, 45, 90])
+    ax.set_yticks(np.sin(np.radians(el_ticks)), [f"{t}" for t in el_ticks])
+    ax.set(xlabel="azimuth of the Fourier direction (°)", ylabel="elevation (°)",
+           xticks=np.arange(-180, 181, 60), xlim=(-180, 180), ylim=(-1, 1))
+    res = result.resolution_A()
+    ax.set_title(f"cFAR {result.cfar:.2f}; conical resolution {res.min():.1f}–{res.max():.1f} Å "
+                 f"({len(rel)} cones of ±{result.half_angle_deg:g}°)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.8)
+    return _save(fig, plots_dir, "conical_fsc_map")
+
+
+def plot_conical_fsc(result, plots_dir: str) -> str | None:
+    """The conical FSCs: the spread of all cones (shaded), the cones of the lowest and
+    highest area, the full FSC of the same masked half maps and the area's upper limit."""
+    if result is None:
+        return None
+    n_shells = result.curves.shape[1]
+    freq = np.arange(n_shells) / (result.box * result.pixel_size_A)
+    fig, ax = plt.subplots(figsize=WIDE)
+    lo, hi = np.nanpercentile(result.curves, [0, 100], axis=0)
+    ax.fill_between(freq, lo, hi, color="#9ecae1", alpha=0.6, lw=0, label="all cones (range)")
+    res = result.resolution_A()
+    for k, color, label in ((int(np.argmin(result.areas)), "#d62728", "lowest area"),
+                            (int(np.argmax(result.areas)), "#2ca02c", "highest area")):
+        ax.plot(freq, result.curves[k], color=color, lw=1.4, label=f"{label}: {res[k]:.2f} Å")
+    ax.plot(freq, result.full, "k-", lw=1.6, label=f"all directions: {result.cutoff_resolution_A:.2f} Å")
+    cut = result.cutoff_shell / (result.box * result.pixel_size_A)
+    ax.axvline(cut, color="0.3", ls=":", lw=1)
+    ax.axhline(FSC_THRESHOLD, color="0.3", ls="--", lw=1)
+    ax.set(xlabel="spatial frequency (1/Å)", ylabel="conical FSC", ylim=(-0.1, 1.05),
+           xlim=(0, freq[-1]))
+    ax.set_title(f"areas are taken up to the dotted line (cFAR {result.cfar:.2f})", fontsize=9)
+    ax.grid(alpha=0.3)
+    _resolution_axis(ax)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, plots_dir, "conical_fsc")
