@@ -25,6 +25,9 @@ class RefineConfig:
     out_dir: str
     mask: str | None = None                     # static refinement mask (alignment only)
     project_dir: str | None = None
+    # reference grid of maps and search: None = the first optics group's
+    pixel_size_A: float | None = None
+    box_px: int | None = None
     # window dataset (real space); radii as fractions of half the box
     window: bool = True
     window_inner: float = 0.85
@@ -60,7 +63,8 @@ class RefineConfig:
     optimize_defocus: bool = False
     optimize_ctf_global: bool = False
     ewald_correction: bool = False
-    ewald_curvature: str = "negative"
+    # "negative" (the default) or "positive"; with --ewald-correction only
+    ewald_curvature: str | None = None
     # computation (no effect on results)
     image_batch_size: int = 256
     device: str = "auto"
@@ -79,10 +83,14 @@ class RefineConfig:
                 raise InputError(f"{flag(name)} must be a positive number{unit}, got {v}; "
                                  f"give a value above 0 or leave {flag(name)} out for its default")
 
-        for name in ("initial_lowpass_A", "gsfsc_split_resolution_A", "batchsize_epsilon",
-                     "batchsize_snrfactor", "dynamic_mask_start_resolution_A",
+        for name in ("pixel_size_A", "initial_lowpass_A", "gsfsc_split_resolution_A",
+                     "batchsize_epsilon", "batchsize_snrfactor", "dynamic_mask_start_resolution_A",
                      "max_align_resolution_A", "dynamic_mask_near", "dynamic_mask_far"):
             positive(name)
+        if self.box_px is not None and (int(self.box_px) != self.box_px or self.box_px < 2
+                                        or self.box_px % 2):
+            raise InputError(f"--box must be an even number of pixels >= 2, got {self.box_px}; "
+                             "leave it out to use the first optics group's box")
         if not 0 < self.window_inner <= self.window_outer <= 1.0:
             raise InputError(
                 f"window radii must satisfy 0 < --window-inner ({self.window_inner}) <= "
@@ -111,8 +119,11 @@ class RefineConfig:
             raise InputError(f"--symmetry {self.symmetry}: {exc}") from exc
         if self.symmetry_relaxation not in RELAXATION_METHODS:
             raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
-        if self.ewald_curvature not in ("negative", "positive"):
+        if self.ewald_curvature not in (None, "negative", "positive"):
             raise InputError("--ewald-curvature must be 'negative' or 'positive'")
+        if self.ewald_curvature is not None and not self.ewald_correction:
+            raise InputError("--ewald-curvature sets the sign of the Ewald sphere correction; "
+                             "it applies only with --ewald-correction")
 
     def unsupported(self) -> list[str]:
         """Reasons this configuration cannot run yet (empty when it can)."""

@@ -45,7 +45,9 @@ def test_particle_file_facts(tmp_path):
     assert ctf["astigmatism_um"]["min"] == pytest.approx(0.1)
     assert ctf["voltage_kV"]["min"] == 300 and ctf["cs_mm"]["max"] == pytest.approx(2.7)
     assert got["optics_groups"] == [{"group": 1, "n_particles": N_PARTICLES, "voltage_kV": 300.0,
-                                     "cs_mm": 2.7, "amplitude_contrast": 0.1}]
+                                     "cs_mm": 2.7, "amplitude_contrast": 0.1, "box_px": BOX,
+                                     "pixel_size_A": PIXEL_A}]
+    assert not got["mixed_grids"] and got["notes"] == []
     assert got["poses"] and not got["shifts"]
     assert not got["split"]["present"] and not got["scale"]["present"]
     assert got["stacks"]["count"] == got["stacks"]["found"] == 1
@@ -95,11 +97,18 @@ def test_problems_are_listed_not_fatal(tmp_path):
     assert "rows 2 and 6" in problems
 
 
-def test_stack_header_problem_is_reported(tmp_path):
+def test_stack_header_disagreement_is_a_note(tmp_path):
+    """A header pixel size that disagrees with the metadata is no problem (the metadata
+    wins) but a note naming both values; a wrong image size stays a problem."""
     data = make_dataset(tmp_path)
     write_stack(data / "stack.mrcs", np.zeros((N_PARTICLES, BOX, BOX), np.float32), 2.0)
     got = info_json(data / "p.star")
-    assert len(got["problems"]) == 1 and "pixel size 1.5 Å" in got["problems"][0]
+    assert got["problems"] == [] and got["pixel_size_A"] == pytest.approx(PIXEL_A)
+    assert len(got["notes"]) == 1 and "says 2 Å/px" in got["notes"][0]
+    assert "says 1.5 Å/px; using 1.5 Å/px" in got["notes"][0]
+    write_stack(data / "stack.mrcs", np.zeros((N_PARTICLES, BOX + 2, BOX + 2), np.float32), 1.5)
+    got = info_json(data / "p.star")
+    assert len(got["problems"]) == 1 and f"box is {BOX} px" in got["problems"][0]
     assert "problem" in got["stacks"]["list"][0]
 
 

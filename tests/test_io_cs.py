@@ -188,3 +188,41 @@ def test_cs_to_star_and_back(tmp_path):
     np.testing.assert_allclose(table["rlnRandomSubset"], t["alignments3D/split"][[6, 0, 3, 4]] + 1)
     np.testing.assert_allclose(star.rotations, euler_to_matrix(
         table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"]))
+
+
+def test_exposure_groups_of_other_pixel_sizes_and_boxes(tmp_path):
+    """Particles of several blob/psize_A and blob/shape read (each keeps its own, the
+    first particle's set the reference grid) and survive .cs -> .star -> .cs; a shift is
+    in pixels of alignments3D/psize_A (a binned refinement's) where that is set."""
+    path, t, _ = make_cs_project(tmp_path, sizes=(4, 3), box=12, apix=1.7)
+    # the second stack at 20 px of 1.1 Å, refined binned 2x (shifts in 2.2 Å pixels)
+    rng = np.random.default_rng(7)
+    write_stack(tmp_path / "J1/imported/stack1.mrcs",
+                rng.normal(size=(3, 20, 20)).astype(np.float32), 1.1)
+    second = np.arange(len(t)) >= 4
+    t["blob/shape"][second] = 20
+    t["blob/psize_A"][second] = 1.1
+    t["alignments3D/psize_A"][second] = 2.2
+    with open(path, "wb") as f:
+        np.save(f, t)
+    ps = read_particles(path)
+    assert ps.box == 12 and ps.pixel_size_A == pytest.approx(1.7) and not ps.uniform
+    np.testing.assert_array_equal(ps.image_box, np.where(second, 20, 12))
+    np.testing.assert_allclose(ps.image_pixel_size_A, np.where(second, 1.1, 1.7), rtol=1e-6)
+    np.testing.assert_allclose(ps.shifts_A, t["alignments3D/shift"]
+                               * np.where(second, 2.2, 1.7).astype(np.float32)[:, None], rtol=1e-6)
+
+    star_path = tmp_path / "out" / "particles.star"
+    write_star(star_path, ps, ps.rotations, ps.shifts_A, ps.split, ps.scale)
+    optics = starfile.read(star_path)["optics"]
+    np.testing.assert_allclose(optics["rlnImagePixelSize"], [1.7, 1.1], rtol=1e-6)
+    assert optics["rlnImageSize"].tolist() == [12, 20]
+    star = read_particles(star_path)
+    np.testing.assert_allclose(star.shifts_A, ps.shifts_A, atol=1e-5)
+    cs_path = tmp_path / "out" / "particles.cs"
+    write_cs(cs_path, star, star.rotations, star.shifts_A, star.split, star.scale)
+    table = np.load(cs_path)
+    np.testing.assert_allclose(table["blob/psize_A"], ps.image_pixel_size_A, rtol=1e-6)
+    np.testing.assert_allclose(table["alignments3D/psize_A"], ps.image_pixel_size_A, rtol=1e-6)
+    np.testing.assert_array_equal(table["blob/shape"], np.stack([ps.image_box] * 2, axis=1))
+    np.testing.assert_allclose(read_particles(cs_path).shifts_A, ps.shifts_A, atol=1e-4)

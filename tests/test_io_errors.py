@@ -1,6 +1,7 @@
 """Every input problem a user can cause gives an InputError naming the file or column."""
 
 import os
+import re
 
 import mrcfile
 import numpy as np
@@ -112,9 +113,32 @@ def test_box_mismatch(tmp_path):
 
 
 def test_pixel_size_mismatch_with_stack_header(tmp_path):
+    """The metadata's pixel size wins over the stack header's (often 1 or 0), with one
+    note naming the stack, the file and both values."""
     path = make_star(tmp_path, optics_extra={"rlnImagePixelSize": [1.2]})
-    with pytest.raises(InputError, match=r"1\.2 Å in .*p\.star.*1 Å.*stack\.mrcs"):
-        read_particles(path)
+    ps = read_particles(path)
+    assert ps.pixel_size_A == 1.2 and np.all(ps.image_pixel_size_A == 1.2)
+    assert len(ps.notes) == 1
+    assert re.search(r"stack\.mrcs says 1 Å/px but .*p\.star says 1\.2 Å/px; using 1\.2",
+                     ps.notes[0]), ps.notes
+
+
+@pytest.mark.parametrize("header, ok", [(1.3, True), (1.0, False), (0.0, False), (80.0, False)])
+def test_pixel_size_only_in_stack_header(tmp_path, header, ok):
+    """No pixel size in the metadata: a plausible header value is used (with a note);
+    1 (a writer's default), 0 or an absurd value is a one-line error naming the file."""
+    path = make_star(tmp_path, drop=("rlnImagePixelSize",))
+    with mrcfile.open(tmp_path / "stack.mrcs", "r+") as mrc:
+        mrc.voxel_size = header
+    if ok:
+        ps = read_particles(path)
+        assert ps.pixel_size_A == pytest.approx(1.3)
+        assert any("gives no pixel size; using 1.3 Å/px" in note for note in ps.notes)
+    else:
+        with pytest.raises(InputError, match=r"p\.star gives no pixel size.*stack\.mrcs.*"
+                                             r"add rlnImagePixelSize") as err:
+            read_particles(path)
+        assert "\n" not in str(err.value)
 
 
 def test_duplicate_indices(tmp_path):
@@ -154,5 +178,6 @@ def test_mixed_boxes(tmp_path):
     particles = starfile.read(path)["particles"]
     particles["rlnOpticsGroup"] = [1, 2, 1, 2, 1]
     write_relion_star(path, optics, particles)
-    with pytest.raises(InputError, match=r"p\.star.*mixed box sizes"):
+    # one stack cannot hold images of two sizes
+    with pytest.raises(InputError, match=r"p\.star.*stack\.mrcs have different boxes \(16, 32 px\)"):
         read_particles(path)

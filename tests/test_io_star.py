@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import starfile
 
-from mpirefine.errors import InputError
 from mpirefine.geometry.rotations import angular_distance_deg, euler_to_matrix
 from mpirefine.io import ImageSource, read_particles, write_relion_star, write_stack, write_star
 
@@ -201,10 +200,14 @@ def test_particle_value_overrides_optics_and_groups(tmp_path):
     np.testing.assert_array_equal(ps.ctf.cs_mm, np.where(np.arange(len(ps)) % 2, 0.01, 2.7))
     np.testing.assert_array_equal(ps.optics_group, np.arange(len(ps)) % 2 + 1)
 
-    optics["rlnImagePixelSize"] = [1.5, 1.6]
+    # Groups of other pixel sizes are read (tests/test_optics_groups.py refines them):
+    # each particle keeps its own, and the first optics group sets the reference grid.
+    optics["rlnImagePixelSize"] = [1.6, 1.5]
     write_relion_star(tmp_path / "mixed.star", optics, particles)
-    with pytest.raises(InputError, match=r"mixed\.star.*mixed pixel sizes"):
-        read_particles(tmp_path / "mixed.star")
+    ps = read_particles(tmp_path / "mixed.star")
+    np.testing.assert_array_equal(ps.image_pixel_size_A, np.where(np.arange(len(ps)) % 2, 1.5, 1.6))
+    assert ps.pixel_size_A == 1.6 and ps.box == 16 and not ps.uniform
+    np.testing.assert_array_equal(ps.on_reference_grid(), np.arange(len(ps)) % 2 == 0)
 
 
 def test_image_source_matches_mrcfile(tmp_path, monkeypatch):

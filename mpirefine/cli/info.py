@@ -1,10 +1,12 @@
 """Describe a particle file or a map before refining it.
 
 `mpirefine info particles.star [--ranks N]` (RELION .star 3.0–5 or CryoSPARC .cs)
-prints the particle count, box and pixel size, optics groups, CTF ranges, whether
-poses, a half-set split and per-particle scales are present, the stacks the file
-refers to (missing ones included), any problem a refinement would stop on, and the
-memory per rank that a refinement on N ranks needs.  `mpirefine info map.mrc`
+prints the particle count, the reference box and pixel size, the optics groups (each
+with its own box and pixel size, and what refinement resamples it to), CTF ranges,
+whether poses, a half-set split and per-particle scales are present, the stacks the
+file refers to (missing ones included), notes (e.g. a stack header whose pixel size
+the metadata overrides), any problem a refinement would stop on, and the memory per
+rank that a refinement on N ranks needs.  `mpirefine info map.mrc`
 prints a map's or stack's box, pixel size and min/max/mean.  --json prints JSON.
 """
 
@@ -34,8 +36,12 @@ def add_args(parser):
 
 
 def main(args) -> int:
+    import logging
+
     from mpirefine.errors import InputError
 
+    # notes about the input are printed in the table, not logged as well
+    logging.getLogger("mpirefine.io").setLevel(logging.ERROR)
     if args.ranks < 1:
         raise InputError(f"--ranks must be >= 1, got {args.ranks}")
     if args.image_batch_size < 1:
@@ -117,22 +123,25 @@ def _spread(values, scale: float = 1.0) -> dict:
 
 
 def _stack_rows(ps) -> tuple[list[dict], list[str]]:
-    """One dict per stack (path, exists, images, header facts) and the problems found."""
-    from mpirefine.errors import InputError
-    from mpirefine.io.particles import check_stack, stack_usage
+    """One dict per stack (path, exists, images, header facts) and the problems found.
 
-    counts, max_index = stack_usage(ps)
+    Also fills what the stack headers tell (boxes the metadata left out) and records a
+    header pixel size that disagrees with the metadata as a note (the metadata wins)."""
+    from mpirefine.io.particles import check_stacks, stack_usage
+
+    counts, _ = stack_usage(ps)
+    failed: dict[int, str] = {}
+    headers = check_stacks(ps, failed)
     rows, problems = [], []
     for sid, path in enumerate(ps.stack_paths):
         row = {"path": path, "exists": os.path.isfile(path), "images_used": int(counts[sid])}
-        if row["exists"] and counts[sid]:
-            try:
-                header = check_stack(ps, sid, ps.box, int(max_index[sid]))
-                row.update(images_in_file=header.n, shape=[header.ny, header.nx],
-                           pixel_size_A=header.pixel_size_A or None, mode=header.mode)
-            except InputError as exc:
-                row["problem"] = str(exc)
-                problems.append(str(exc))
+        if sid in headers:
+            header = headers[sid]
+            row.update(images_in_file=header.n, shape=[header.ny, header.nx],
+                       pixel_size_A=header.pixel_size_A or None, mode=header.mode)
+        if sid in failed:
+            row["problem"] = failed[sid]
+            problems.append(failed[sid])
         rows.append(row)
     missing = [r["path"] for r in rows if not r["exists"]]
     if missing:
@@ -155,6 +164,7 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
 
     from mpirefine.errors import InputError
     from mpirefine.io import read_particles
+    from mpirefine.io.formats import resampling_steps
     from mpirefine.io.particles import check_duplicates
     from mpirefine.report.memory import memory_per_rank, metadata_bytes
 
@@ -167,17 +177,27 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
     except InputError as exc:
         problems.append(str(exc))
     n, ctf, px = len(ps), ps.ctf, ps.pixel_size_A
+    if not px > 0:
+        problems.append(next((note for note in ps.notes if "no pixel size" in note),
+                             f"{ps.source_path} gives no pixel size"))
 
     def per_particle(v):
         return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
 
     groups = []
-    for g in np.unique(ps.optics_group):
-        rows = ps.optics_group == g
-        groups.append({"group": int(g), "n_particles": int(rows.sum()),
-                       **{key: float(np.median(per_particle(v)[rows])) for key, v in (
-                           ("voltage_kV", ctf.voltage_kV), ("cs_mm", ctf.cs_mm),
-                           ("amplitude_contrast", ctf.amplitude_contrast))}})
+    for g in ps.groups():
+        rows = g["rows"]
+        group = {"group": g["group"], "n_particles": int(rows.size),
+                 **{key: float(np.median(per_particle(v)[rows])) for key, v in (
+                     ("voltage_kV", ctf.voltage_kV), ("cs_mm", ctf.cs_mm),
+                     ("amplitude_contrast", ctf.amplitude_contrast))},
+                 "box_px": g["box"] or None, "pixel_size_A": g["pixel_size_A"] or None}
+        if not g["on_reference_grid"] and ps.box and px > 0 and g["box"] and g["pixel_size_A"]:
+            group["resampled_to"] = {"padded_box_px": g["padded_box"],
+                                     "box_px": g["resampled_box"],
+                                     "pixel_size_A": g["effective_pixel_size_A"],
+                                     "steps": resampling_steps(g, ps.box)}
+        groups.append(group)
     u, v = per_particle(ctf.defocus_u_A), per_particle(ctf.defocus_v_A)
     split = {"present": bool(np.any(ps.split >= 0)), "half_A": int(np.sum(ps.split == 0)),
              "half_B": int(np.sum(ps.split == 1)), "unassigned": int(np.sum(ps.split < 0))}
@@ -189,9 +209,10 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
         fmt = "RELION STAR 3.0 (one table)" if ps._star_legacy else "RELION STAR 3.1+ (optics table)"
     info = {
         "kind": "particles", "path": ps.source_path, "format": fmt, "n_particles": n,
-        "box_px": int(ps.box) or None, "pixel_size_A": px,
-        "box_A": ps.box * px if ps.box else None, "nyquist_A": 2 * px,
-        "optics_groups": groups,
+        "box_px": int(ps.box) or None, "pixel_size_A": px or None,
+        "box_A": ps.box * px if ps.box and px > 0 else None,
+        "nyquist_A": 2 * px if px > 0 else None,
+        "mixed_grids": not ps.uniform, "optics_groups": groups,
         "ctf": {"defocus_u_um": _spread(u, 1e-4), "defocus_v_um": _spread(v, 1e-4),
                 "astigmatism_um": _spread(np.abs(u - v), 1e-4),
                 "voltage_kV": _spread(per_particle(ctf.voltage_kV)),
@@ -203,7 +224,7 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
         "split": split, "scale": scale,
         "stacks": {"count": len(stacks), "found": sum(r["exists"] for r in stacks),
                    "missing": sum(not r["exists"] for r in stacks), "list": stacks},
-        "problems": problems,
+        "notes": [note for note in ps.notes if note not in problems], "problems": problems,
     }
     if ps.box:
         info["memory"] = memory_per_rank(ps.box, n, n_ranks, image_batch_size,
@@ -223,14 +244,24 @@ def format_particles(info: dict) -> str:
 
     ctf, split, scale, stacks = info["ctf"], info["split"], info["scale"], info["stacks"]
     px, box = info["pixel_size_A"], info["box_px"]
-    size = (f"{box} px, {px:.4f} Å/px (box {info['box_A']:.1f} Å, Nyquist "
-            f"{info['nyquist_A']:.2f} Å)" if box else f"unknown (no stack found), {px:.4f} Å/px")
+    pixel = f"{px:.4f} Å/px" if px else "no pixel size"
+    if box and px:
+        size = f"{box} px, {pixel} (box {info['box_A']:.1f} Å, Nyquist {info['nyquist_A']:.2f} Å)"
+    else:
+        size = f"{box} px, {pixel}" if box else f"unknown (no stack found), {pixel}"
+    if info["mixed_grids"]:
+        size += "  reference grid: the first optics group's; the others are resampled to it"
     rows = [("file", info["path"]), ("format", info["format"]),
             ("particles", f"{info['n_particles']:,}"), ("box", size)]
     for i, g in enumerate(info["optics_groups"]):
+        grid = (f"{g['box_px'] or '?'} px, "
+                + (f"{g['pixel_size_A']:.4f} Å/px" if g["pixel_size_A"] else "? Å/px"))
+        if "resampled_to" in g:
+            grid += f" ({g['resampled_to']['steps']})"
         rows.append(("optics groups" if i == 0 else "",
-                     f"group {g['group']}: {g['n_particles']:,} particles, {g['voltage_kV']:g} kV, "
-                     f"Cs {g['cs_mm']:g} mm, amplitude contrast {g['amplitude_contrast']:g}"))
+                     f"group {g['group']}: {g['n_particles']:,} particles, {grid}, "
+                     f"{g['voltage_kV']:g} kV, Cs {g['cs_mm']:g} mm, amplitude contrast "
+                     f"{g['amplitude_contrast']:g}"))
     rows += [("defocus U", _fmt_spread(ctf["defocus_u_um"], 3, " µm")),
              ("defocus V", _fmt_spread(ctf["defocus_v_um"], 3, " µm")),
              ("astigmatism", _fmt_spread(ctf["astigmatism_um"], 3, " µm") + "  |U − V|"),
@@ -260,6 +291,8 @@ def format_particles(info: dict) -> str:
         rows.append(("", f"{r['path']}  {state}"))
     if stacks["count"] > STACKS_SHOWN:
         rows.append(("", f"... and {stacks['count'] - STACKS_SHOWN} more (--json lists all)"))
+    for i, note in enumerate(info["notes"]):
+        rows.append(("notes" if i == 0 else "", note))
     rows.append(("problems", "none found" if not info["problems"] else info["problems"][0]))
     rows += [("", p) for p in info["problems"][1:]]
     text = _table(rows)

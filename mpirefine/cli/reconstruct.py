@@ -1,9 +1,11 @@
 """Reconstruct half maps, their FSC and a full map from the poses already in a particle file.
 
 No alignment: the particles' angles and origins are used as they are (like
-relion_reconstruct, but gold-standard).  Writes map_half_A.mrc, map_half_B.mrc,
-map.mrc (average of the halves, FSC-weighted and cut at the 0.143 resolution),
-map_unfil.mrc (all particles, unregularised), fsc.csv and summary.json.
+relion_reconstruct, but gold-standard).  Optics groups of other boxes or pixel sizes are
+resampled onto the reference grid (the first group's, or --box / --pixel-size).  Writes
+map_half_A.mrc, map_half_B.mrc, map.mrc (average of the halves, FSC-weighted and cut at
+the 0.143 resolution), map_unfil.mrc (all particles, unregularised), fsc.csv and
+summary.json.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import time
 
 
 def add_args(parser):
-    from mpirefine.cli.common import add_device_args, add_output_args, add_particle_args
+    from mpirefine.cli.common import add_device_args, add_grid_args, add_output_args, add_particle_args
 
     add_particle_args(parser)
     add_output_args(parser)
+    add_grid_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the half-set split when the file has none [0]")
     parser.add_argument("--window", action="store_true",
@@ -29,6 +32,7 @@ def main(args) -> int:
     import numpy as np
 
     from mpirefine.backend import backend_name, to_numpy
+    from mpirefine.cli.common import quiet_input_warnings
     from mpirefine.errors import InputError
     from mpirefine.io import read_particles, write_mrc
     from mpirefine.io.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
@@ -46,10 +50,12 @@ def main(args) -> int:
     start = time.time()
     par = Parallel()
     log = get_logger(rank=par.rank)
+    quiet_input_warnings(par.rank)
     xp = par.select_device(args.device)
     out = prepare_out_dir(args.out, args.overwrite) if par.is_root else None
     par.barrier()
-    ps = read_particles(args.particles, project_dir=args.project_dir)
+    ps = read_particles(args.particles, project_dir=args.project_dir, box=args.box_px,
+                        pixel_size_A=args.pixel_size_A)
     if ps.rotations is None:
         raise InputError(f"{args.particles} has no poses (rlnAngleRot/Tilt/Psi or "
                          "alignments3D/pose); reconstruct needs aligned particles — run "
@@ -57,8 +63,9 @@ def main(args) -> int:
     n, px = ps.box, ps.pixel_size_A
     split = ps.split if np.all(ps.split >= 0) else random_split(len(ps), args.seed)
     prep = ImagePrep(box=n, pixel_size_A=px, window=args.window)
-    log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px, {par.size} rank(s), "
-             f"{backend_name(xp)}")
+    groups = "" if ps.uniform else f" ({len(ps.groups())} grids resampled onto it)"
+    log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px{groups}, "
+             f"{par.size} rank(s), {backend_name(xp)}")
     accs = insert_at_poses(par, ps, split, prep, xp, args.image_batch_size)
     halves = reconstruct_half_maps(par, accs, n)
     full = full_unregularised_map(par, accs, n)

@@ -1,10 +1,12 @@
 """CryoSPARC particle files (.cs): NumPy structured arrays written with ``np.save``.
 
-Conventions (design §3): ``alignments3D/pose`` is a rotation vector in radians and the
-RELION matrix is ``rotvec_to_matrix(pose)``; ``alignments3D/shift`` is in pixels of the
-particle image (blob/psize_A) with the sign of rlnOriginX; ``alignments3D/split`` is the
-half set (0/1) and ``alignments3D/alpha`` the per-particle scale.  ``blob/path`` is
-relative to the CryoSPARC project folder (a leading '>' says so explicitly).
+Conventions (docs/architecture.md §3): ``alignments3D/pose`` is a rotation vector in
+radians and the RELION matrix is ``rotvec_to_matrix(pose)``; ``alignments3D/shift`` is
+in pixels of the alignment (``alignments3D/psize_A``; we write the particle image's,
+``blob/psize_A``) with the sign of rlnOriginX; ``alignments3D/split`` is the half set
+(0/1) and ``alignments3D/alpha`` the per-particle scale.  ``blob/path`` is relative to
+the CryoSPARC project folder (a leading '>' says so explicitly).  Each particle has its
+own ``blob/shape`` and ``blob/psize_A``: exposure groups may differ in both.
 """
 
 from __future__ import annotations
@@ -23,10 +25,22 @@ from mpirefine.physics.ctf import CTFParams
 _REQUIRED_BLOB = ("blob/path", "blob/idx")
 _REQUIRED_CTF = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm",
                  "ctf/amp_contrast")
-# Field types as CryoSPARC writes them, so that CryoSPARC can import our output.
+# Field types as CryoSPARC writes them (and cryosparc-tools' Dataset reads them), so
+# that CryoSPARC can import our output.  What refinement sets:
 _ALIGN_FIELDS = [("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,)),
                  ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4"),
                  ("alignments3D/alpha", "<f4")]
+# The rest of a CryoSPARC refinement's alignments3D slot, with neutral values (what
+# CryoSPARC's own refinement of one class leaves when a statistic is not computed).
+_ALIGN_EXTRA = [("alignments3D/error", "<f4", 0.0), ("alignments3D/error_min", "<f4", 0.0),
+                ("alignments3D/resid_pow", "<f4", 0.0), ("alignments3D/slice_pow", "<f4", 0.0),
+                ("alignments3D/image_pow", "<f4", 0.0), ("alignments3D/cross_cor", "<f4", 0.0),
+                ("alignments3D/alpha_min", "<f4", 0.0), ("alignments3D/weight", "<f4", 1.0),
+                ("alignments3D/pose_ess", "<f4", 1.0), ("alignments3D/shift_ess", "<f4", 1.0),
+                ("alignments3D/class_posterior", "<f4", 1.0), ("alignments3D/class", "<u4", 0),
+                ("alignments3D/class_ess", "<f4", 1.0)]
+# ctf/type of particles whose CTF came from elsewhere (RELION), as imports mark them.
+_CTF_TYPE = b"imported"
 # alignments3D/split is unsigned: a particle in neither half is stored as 2 (read back as -1).
 _UNASSIGNED = 2
 
@@ -93,24 +107,34 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None,
                              "Pass --project-dir (the CryoSPARC project folder)"))
     stack_id = code_to_sid[codes.reshape(-1)]
 
+    # Each particle's own pixel size (blob/psize_A) and box (blob/shape); the first
+    # particle's set the reference grid.  Stack headers stand in only when the file
+    # has no pixel size at all (check_stacks compares them with the metadata).
+    fix = "export the particles again from CryoSPARC (they carry blob/psize_A)"
+    notes = []
     psize_field = next((f for f in ("blob/psize_A", "alignments3D/psize_A") if f in names), None)
     if psize_field is not None:
         psizes = table[psize_field].astype(np.float64)
     else:
-        psizes = np.array([header_pixel_size_A(stack_paths)])
-    if np.ptp(psizes) > 1e-4 * psizes.max():
-        raise InputError(f"{path}: mixed pixel sizes ({psizes.min():g} to {psizes.max():g} Å) "
-                         "are not supported yet; downsample all particles to one pixel size")
-    pixel_size = float(psizes[0])
-    if pixel_size <= 0:
-        raise InputError(f"{path}: no pixel size in blob/psize_A nor in the stack header")
-    box = 0
+        header = header_pixel_size_A(stack_paths, path, fix)
+        if header > 0:
+            notes.append(f"{path} has no blob/psize_A; using {header:g} Å/px from the stack "
+                         "header")
+        psizes = np.full(n, header)
+    if np.any(psizes <= 0):
+        message = f"{path}: no pixel size in blob/psize_A nor in the stack header; {fix}"
+        if require_stacks:
+            raise InputError(message)
+        notes.append(message)
+    image_box = np.zeros(n, dtype=np.int64)
     if "blob/shape" in names:
-        shapes = table["blob/shape"].reshape(n, -1)
-        if np.any(shapes != shapes[0]) or shapes[0, 0] != shapes[0, -1]:
-            raise InputError(f"{path}: blob/shape varies or is not square; mixed boxes are "
-                             "not supported yet")
-        box = int(shapes[0, 0])
+        shapes = table["blob/shape"].reshape(n, -1).astype(np.int64)
+        if np.any(shapes[:, 0] != shapes[:, -1]):
+            row = int(np.flatnonzero(shapes[:, 0] != shapes[:, -1])[0])
+            raise InputError(f"{path}: particle {row + 1} has blob/shape "
+                             f"{shapes[row].tolist()}, not square; re-extract it with a "
+                             "square box")
+        image_box = shapes[:, 0]
 
     def field(name, default=None):
         return table[name].astype(np.float64) if name in names else default
@@ -131,19 +155,29 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None,
         rotations = rotvec_to_matrix(table["alignments3D/pose"].astype(np.float64))
     shifts = np.zeros((n, 2))
     if "alignments3D/shift" in names:
-        shifts = table["alignments3D/shift"].astype(np.float64).reshape(n, 2) * pixel_size
+        # Shifts are in pixels of the alignment (alignments3D/psize_A, which a binned
+        # refinement makes larger than blob/psize_A); 0 there means "the image's".
+        align_px = psizes
+        if "alignments3D/psize_A" in names:
+            given = table["alignments3D/psize_A"].astype(np.float64)
+            align_px = np.where(given > 0, given, psizes)
+        shifts = table["alignments3D/shift"].astype(np.float64).reshape(n, 2) * align_px[:, None]
     split = np.full(n, -1, dtype=np.int8)
     if "alignments3D/split" in names:
         s = table["alignments3D/split"].astype(np.int64)
         split[s == 0], split[s == 1] = 0, 1
     group = (table["ctf/exp_group_id"].astype(np.int64) if "ctf/exp_group_id" in names
              else np.ones(n, dtype=np.int64))
-    return ParticleSet(
-        box=box, pixel_size_A=pixel_size, stack_paths=stack_paths, stack_id=stack_id,
-        stack_index=table["blob/idx"].astype(np.int64), ctf=ctf, rotations=rotations,
-        shifts_A=shifts, split=split, scale=field("alignments3D/alpha", np.ones(n)),
-        optics_group=group, source_path=path, source_format="cs",
-        _cs_table=table, _project_dir=project_dir)
+    ps = ParticleSet(
+        box=int(image_box[0]), pixel_size_A=float(psizes[0]), stack_paths=stack_paths,
+        stack_id=stack_id, stack_index=table["blob/idx"].astype(np.int64), ctf=ctf,
+        rotations=rotations, shifts_A=shifts, split=split,
+        scale=field("alignments3D/alpha", np.ones(n)), optics_group=group,
+        source_path=path, source_format="cs", image_box=image_box,
+        image_pixel_size_A=psizes, _cs_table=table, _project_dir=project_dir)
+    for message in notes:
+        ps.note(message)
+    return ps
 
 
 def _with_fields(table: np.ndarray, fields: list[tuple]) -> np.ndarray:
@@ -157,14 +191,23 @@ def _with_fields(table: np.ndarray, fields: list[tuple]) -> np.ndarray:
 
 
 def _fresh_table(ps: ParticleSet) -> np.ndarray:
-    """A new CryoSPARC-style particle array from metadata read elsewhere (STAR)."""
+    """A new CryoSPARC particle array from metadata read elsewhere (STAR): the blob/,
+    ctf/ and alignments3D/ slots with CryoSPARC's field names and types.  Higher-order
+    aberrations are zero and ctf/scale 1, CryoSPARC's defaults; blob/sign is 1 because
+    the stacks hold RELION-convention images (protein white)."""
     n, ctf = len(ps), ps.ctf
     width = max(len(p.encode()) for p in ps.stack_paths)
-    dtype = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"),
-             ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
-             ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
-             ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
-             ("ctf/phase_shift_rad", "<f4"), ("ctf/bfactor", "<f4")] + _ALIGN_FIELDS
+    dtype = ([("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"),
+              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"), ("blob/sign", "<f4"),
+              ("blob/import_sig", "<u8"), ("ctf/type", f"S{len(_CTF_TYPE)}"),
+              ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+              ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+              ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
+              ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"), ("ctf/shift_A", "<f4", (2,)),
+              ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
+              ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)),
+              ("ctf/bfactor", "<f4")]
+             + _ALIGN_FIELDS + [f[:2] for f in _ALIGN_EXTRA])
     out = np.zeros(n, dtype=dtype)
     # CryoSPARC wants unique 64-bit uids; derive them from the source so reruns agree.
     rng = np.random.default_rng(zlib.crc32(ps.source_path.encode()))
@@ -174,8 +217,11 @@ def _fresh_table(ps: ParticleSet) -> np.ndarray:
     out["uid"] = uid.astype(np.uint64)
     out["blob/path"] = np.array([p.encode() for p in ps.stack_paths])[ps.stack_id]
     out["blob/idx"] = ps.stack_index
-    out["blob/shape"] = ps.box
-    out["blob/psize_A"] = ps.pixel_size_A
+    out["blob/shape"] = ps.image_box[:, None]
+    out["blob/psize_A"] = ps.image_pixel_size_A
+    out["blob/sign"] = 1.0
+    out["ctf/type"] = _CTF_TYPE
+    out["ctf/exp_group_id"] = np.clip(ps.optics_group, 0, None)
     for name, value in (("ctf/accel_kv", ctf.voltage_kV), ("ctf/cs_mm", ctf.cs_mm),
                         ("ctf/amp_contrast", ctf.amplitude_contrast),
                         ("ctf/df1_A", ctf.defocus_u_A), ("ctf/df2_A", ctf.defocus_v_A),
@@ -183,6 +229,9 @@ def _fresh_table(ps: ParticleSet) -> np.ndarray:
                         ("ctf/phase_shift_rad", np.radians(ctf.phase_shift_deg)),
                         ("ctf/bfactor", ctf.bfactor_A2)):
         out[name] = np.broadcast_to(value, (n,))
+    out["ctf/scale"] = 1.0
+    for name, _, value in _ALIGN_EXTRA:
+        out[name] = value
     return out
 
 
@@ -207,14 +256,24 @@ def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
              scale: np.ndarray) -> None:
     """Write a CryoSPARC .cs file with updated poses, shifts (px), halves and scales.
 
-    A .cs input keeps all its fields; a STAR input gets a fresh array (uid, blob/*, ctf/*,
-    alignments3D/*).  rotations: (n, 3, 3) RELION matrices or None (keep input poses).
+    A .cs input keeps all its fields (alignments3D/* added where missing); a STAR input
+    gets a fresh array (uid, blob/*, ctf/*, alignments3D/*, see :func:`_fresh_table`),
+    each particle with its own blob/shape and blob/psize_A.  Shifts are written in
+    pixels of the particle's image, alignments3D/psize_A.  rotations: (n, 3, 3) RELION
+    matrices or None (keep input poses).
     """
     ps, path = particle_set, os.fspath(path)
     n = len(ps)
     if ps._cs_table is not None:
-        table = _with_fields(ps._cs_table, [f for f in _ALIGN_FIELDS
-                                            if f[0] not in ps._cs_table.dtype.names])
+        # A table with an alignments3D slot keeps its fields (and gets ours where
+        # missing); one without (an extraction's) gets the whole slot CryoSPARC writes.
+        have = ps._cs_table.dtype.names
+        extra = ([] if any(f.startswith("alignments3D/") for f in have)
+                 else [f for f in _ALIGN_EXTRA if f[0] not in have])
+        table = _with_fields(ps._cs_table, [f for f in _ALIGN_FIELDS if f[0] not in have]
+                             + [f[:2] for f in extra])
+        for name, _, value in extra:
+            table[name] = value
         paths = _portable_blob_paths(ps, table, path)
         if paths.dtype.itemsize > table.dtype["blob/path"].itemsize:
             table = _with_fields(table, [("blob/path", paths.dtype.str)])
@@ -224,9 +283,10 @@ def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
     rotations = ps.rotations if rotations is None else rotations
     if rotations is not None:
         table["alignments3D/pose"] = matrix_to_rotvec(np.asarray(rotations).reshape(n, 3, 3))
-    shifts_px = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2) / ps.pixel_size_A
-    table["alignments3D/shift"] = shifts_px
-    table["alignments3D/psize_A"] = ps.pixel_size_A
+    # shifts in pixels of each particle's own image, which alignments3D/psize_A states
+    psize = ps.image_pixel_size_A
+    table["alignments3D/shift"] = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2) / psize[:, None]
+    table["alignments3D/psize_A"] = psize
     split = np.asarray(split).reshape(n)
     table["alignments3D/split"] = np.where(split >= 0, split, _UNASSIGNED)
     table["alignments3D/alpha"] = np.asarray(scale, dtype=np.float64).reshape(n)

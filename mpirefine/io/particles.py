@@ -4,12 +4,24 @@ A :class:`ParticleSet` holds per-particle arrays in our conventions (RELION matr
 origins in Å, split 0/1/-1) plus the original table so that writing back keeps every
 column the user had.  :class:`ImageSource` reads only the images asked for, through
 memory maps, one open handle per stack.
+
+Optics groups may differ in box and pixel size.  Each particle keeps its own
+(``image_box``, ``image_pixel_size_A``); ``box`` and ``pixel_size_A`` are the reference
+grid that maps and the search use: the first optics group's, as in RELION, unless the
+user chose another (``--box``, ``--pixel-size``).  Image preparation brings every
+particle onto it (:mod:`mpirefine.refinement.images`).  The metadata's pixel size wins
+over a stack header's (headers often say 1 or 0); a disagreement is warned about once.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -22,14 +34,23 @@ from mpirefine.physics.ctf import CTFParams
 
 # A stack header pixel size may differ from the metadata by rounding, not by more.
 PIXEL_SIZE_TOLERANCE = 0.01
+# Relative difference below which two optics groups' pixel sizes count as one.
+SAME_PIXEL_SIZE = 1e-4
+# A stack header's pixel size is used (when the metadata has none) only in this range
+# and not when it is exactly 1, the value writers leave when they know none.
+PLAUSIBLE_HEADER_PIXEL_A = (0.2, 50.0)
+
+#: Data warnings (header vs metadata, ...): the CLI silences it on all ranks but 0.
+LOG = logging.getLogger("mpirefine.io")
+_WARNED: set[str] = set()
 
 
 @dataclass
 class ParticleSet:
     """Metadata of n particles; all arrays have length n along their first axis."""
 
-    box: int                       # image side, px
-    pixel_size_A: float
+    box: int                       # reference grid: image side, px (0: not known yet)
+    pixel_size_A: float            # reference grid: Å per pixel
     stack_paths: list[str]         # unique resolved absolute stack paths
     stack_id: np.ndarray           # (n,) int, index into stack_paths
     stack_index: np.ndarray        # (n,) int, 0-based image index within its stack
@@ -41,15 +62,26 @@ class ParticleSet:
     optics_group: np.ndarray       # (n,) int
     source_path: str
     source_format: str             # "star" | "cs"
+    # Each particle's own grid (its optics group's); None: the reference grid.
+    image_box: np.ndarray | None = None           # (n,) int, px (0: from the stack header)
+    image_pixel_size_A: np.ndarray | None = None  # (n,) float, Å
+    notes: list[str] = field(default_factory=list)  # warnings about the input, once each
     # Original tables, row-aligned with the arrays above, for writing back.
     _star_optics: pd.DataFrame | None = field(default=None, repr=False)
     _star_particles: pd.DataFrame | None = field(default=None, repr=False)
     _star_legacy: bool = field(default=False, repr=False)     # input was RELION 3.0
     _cs_table: np.ndarray | None = field(default=None, repr=False)
     _project_dir: str | None = field(default=None, repr=False)
+    _reference_row: int = field(default=0, repr=False)   # a particle of the first group
 
     def __post_init__(self):
         n = len(self.stack_id)
+        if self.image_box is None:
+            self.image_box = np.full(n, int(self.box), dtype=np.int64)
+        if self.image_pixel_size_A is None:
+            self.image_pixel_size_A = np.full(n, float(self.pixel_size_A))
+        self.image_box = np.asarray(self.image_box, dtype=np.int64).reshape(n)
+        self.image_pixel_size_A = np.asarray(self.image_pixel_size_A, dtype=np.float64).reshape(n)
         self.stack_id = np.asarray(self.stack_id, dtype=np.int64)
         self.stack_index = np.asarray(self.stack_index, dtype=np.int64)
         self.shifts_A = np.asarray(self.shifts_A, dtype=np.float64).reshape(n, 2)
@@ -75,11 +107,143 @@ class ParticleSet:
             ctf=self.ctf.subset(idx),
             rotations=None if self.rotations is None else self.rotations[idx],
             shifts_A=self.shifts_A[idx], split=self.split[idx], scale=self.scale[idx],
-            optics_group=self.optics_group[idx],
+            optics_group=self.optics_group[idx], image_box=self.image_box[idx],
+            image_pixel_size_A=self.image_pixel_size_A[idx], notes=list(self.notes),
             _star_particles=(None if self._star_particles is None
                              else self._star_particles.iloc[idx].reset_index(drop=True)),
             _cs_table=None if self._cs_table is None else self._cs_table[idx],
+            _reference_row=int(next(iter(np.flatnonzero(idx == self._reference_row)), 0)),
         )
+
+    # ------------------------------------------------------------- optics groups' grids
+
+    def on_reference_grid(self, indices=None) -> np.ndarray:
+        """(m,) bool: the particles (all, or ``indices``) whose own box and pixel size
+        are the reference grid's, so that their images need no resampling."""
+        idx = slice(None) if indices is None else np.asarray(indices, dtype=np.int64)
+        same_px = (np.abs(self.image_pixel_size_A[idx] - self.pixel_size_A)
+                   <= SAME_PIXEL_SIZE * self.pixel_size_A)
+        return (self.image_box[idx] == self.box) & same_px
+
+    @property
+    def uniform(self) -> bool:
+        """Every particle is on the reference grid (one box, one pixel size)."""
+        return bool(np.all(self.on_reference_grid()))
+
+    def image_grid(self, indices) -> ImageGrid | None:
+        """The own grids of particles ``indices`` for image preparation; None when they
+        are all on the reference grid (then images are used as they are)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        on = self.on_reference_grid(idx)
+        if np.all(on):
+            return None
+        return ImageGrid(self.box, self.pixel_size_A, self.image_box[idx],
+                         self.image_pixel_size_A[idx], on)
+
+    def set_reference_grid(self, box: int | None = None,
+                           pixel_size_A: float | None = None) -> None:
+        """Make (``box``, ``pixel_size_A``) the reference grid; each None keeps the
+        first optics group's.  The particles keep their own grids."""
+        ref = self._reference_row
+        self.box = int(box) if box else int(self.image_box[ref])
+        self.pixel_size_A = float(pixel_size_A) if pixel_size_A else float(
+            self.image_pixel_size_A[ref])
+
+    def groups(self) -> list[dict]:
+        """One dict per (optics group, box, pixel size), in order of first appearance:
+        group, rows (int array), box, pixel_size_A, on_reference_grid, and how image
+        preparation brings the group onto the reference grid (:class:`ImageGrid`):
+        padded_box (m), resampled_box (n') and effective_pixel_size_A (m·p / n')."""
+        keys = np.stack([self.optics_group.astype(np.float64), self.image_box.astype(np.float64),
+                         self.image_pixel_size_A], axis=1)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        grid = ImageGrid(self.box, self.pixel_size_A, self.image_box[first],
+                         self.image_pixel_size_A[first], self.on_reference_grid(first))
+        padded, resampled = grid.padded_box(), grid.resampled_box()
+        pixel = grid.effective_pixel_size_A()
+        out = []
+        for k in np.argsort(first):
+            r = int(first[k])
+            out.append({"group": int(self.optics_group[r]),
+                        "rows": np.flatnonzero(inverse.reshape(-1) == k),
+                        "box": int(self.image_box[r]), "pixel_size_A": float(self.image_pixel_size_A[r]),
+                        "on_reference_grid": bool(grid.on_reference_grid[k]),
+                        "padded_box": int(padded[k]), "resampled_box": int(resampled[k]),
+                        "effective_pixel_size_A": float(pixel[k])})
+        return out
+
+    def note(self, message: str) -> None:
+        """Record a warning about the input and log it, once per process."""
+        if message not in self.notes:
+            self.notes.append(message)
+        if message not in _WARNED:
+            _WARNED.add(message)
+            LOG.warning(f"warning: {message}")
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Own grids of a batch of particles, for bringing their images onto the reference
+    grid (``box``, ``pixel_size_A``).  Arrays have one value per particle."""
+
+    box: int
+    pixel_size_A: float
+    image_box: np.ndarray          # (B,) int
+    image_pixel_size_A: np.ndarray  # (B,) float
+    on_reference_grid: np.ndarray  # (B,) bool
+
+    def _plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) m and (B,) n' of :func:`resampling_plan` (m = n' = n on the grid)."""
+        pairs, which = np.unique(np.stack([self.image_box.astype(np.float64),
+                                           self.image_pixel_size_A], axis=1),
+                                 axis=0, return_inverse=True)
+        plans = np.array([resampling_plan(int(b), float(p), self.pixel_size_A, self.box)
+                          if min(b, p) > 0 else (int(b), int(b)) for b, p in pairs],
+                         dtype=np.int64).reshape(-1, 2)
+        plan = plans[which.reshape(-1)]
+        own = np.asarray(self.image_box, dtype=np.int64)
+        return (np.where(self.on_reference_grid, own, plan[:, 0]),
+                np.where(self.on_reference_grid, own, plan[:, 1]))
+
+    def padded_box(self) -> np.ndarray:
+        """(B,) m >= n: the box each image is padded to in real space before resampling."""
+        return self._plan()[0]
+
+    def resampled_box(self) -> np.ndarray:
+        """(B,) n': the box Fourier cropping or padding gives each (padded) image."""
+        return self._plan()[1]
+
+    def effective_pixel_size_A(self) -> np.ndarray:
+        """(B,) m·p / n': each resampled image's pixel size, which its CTF is evaluated
+        with (the reference pixel size for particles on the grid)."""
+        m, n_res = self._plan()
+        return np.where(self.on_reference_grid, self.pixel_size_A,
+                        m * self.image_pixel_size_A / np.maximum(n_res, 1))
+
+
+def resampling_plan(box: int, pixel_size_A: float, reference_pixel_size_A: float,
+                    reference_box: int) -> tuple[int, int]:
+    """How an image of ``box`` px of ``pixel_size_A`` comes to the reference pixel size:
+    (m, n').  It is padded in real space to m px, then Fourier cropped (p < p_ref) or
+    padded (p > p_ref) to n' = round(m·p / p_ref) px, whose pixels are m·p / n' Å.
+
+    m = n (RELION's rule, n' = round(n·p / p_ref)) unless rounding n' would scale the
+    image by more than 0.1 / reference_box (0.05 px at the edge of the reference box):
+    a 64 px image of 1.24 Å goes to 63 px of 1.2597 Å, 0.8 % off 1.25 Å, which blurs
+    high resolution.  Then m is the smallest larger box (up to 2n) that rounds well
+    enough (105 px of 1.24 Å -> 104 px of 1.2515 Å), or the best one up to 2n.
+    """
+    tolerance = 0.1 / max(int(reference_box), 1)
+    best = None
+    for m in range(int(box), 2 * int(box) + 1):
+        exact = m * pixel_size_A / reference_pixel_size_A
+        n_res = max(int(np.floor(exact + 0.5)), 2)
+        error = abs(exact - n_res) / exact
+        if best is None or error < best[0]:
+            best = (error, m, n_res)
+        if error <= tolerance:
+            break
+    return best[1], best[2]
 
 
 # ----------------------------------------------------------------------------- paths
@@ -182,11 +346,19 @@ def stack_usage(ps: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
     return counts, max_index
 
 
+def stack_rows(ps: ParticleSet) -> list[np.ndarray]:
+    """Rows (ascending) of each stack id 0 .. len(stack_paths) - 1; empty for unused stacks."""
+    order = np.argsort(ps.stack_id, kind="stable")
+    bounds = np.searchsorted(ps.stack_id[order], np.arange(len(ps.stack_paths) + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(len(ps.stack_paths))]
+
+
 def check_stack(ps: ParticleSet, sid: int, box: int, max_index: int) -> StackInfo:
     """Check stack ``sid``'s header against the metadata and return it.
 
-    box: the metadata's box in px (0: take the stack's); max_index: the largest 0-based
-    image index the particles ask of this stack.
+    box: the box in px the metadata gives this stack's particles (0: take the stack's);
+    max_index: the largest 0-based image index the particles ask of this stack.  The
+    pixel size is not checked here: the metadata's wins (:func:`check_stacks`).
     """
     path = ps.stack_paths[sid]
     info = stack_info(path)
@@ -199,33 +371,79 @@ def check_stack(ps: ParticleSet, sid: int, box: int, max_index: int) -> StackInf
         raise InputError(f"{ps.source_path} asks for image {max_index + 1} of stack "
                          f"{path}, which holds only {info.n} images; the stack is "
                          "incomplete or the particle file points to the wrong stack")
-    if info.pixel_size_A > 0 and ps.pixel_size_A > 0 and (
-            abs(info.pixel_size_A - ps.pixel_size_A) > PIXEL_SIZE_TOLERANCE * ps.pixel_size_A):
-        raise InputError(f"pixel size {ps.pixel_size_A:g} Å in {ps.source_path} differs from "
-                         f"{info.pixel_size_A:g} Å in the header of {path}; fix the metadata "
-                         "or the stack header (e.g. relion_image_handler --angpix)")
     return info
 
 
-def check_stacks(ps: ParticleSet) -> int:
-    """Check every stack's header against the metadata; return the box (px).
+def check_stacks(ps: ParticleSet, problems: dict | None = None) -> dict[int, StackInfo]:
+    """Check every used stack's header against the metadata; return the headers by stack id.
 
-    A box of 0 in ``ps`` means the metadata gave none: the first stack's image size is used.
+    Particles whose metadata gives no box (0) take their stack's, and a reference box
+    of 0 becomes the first optics group's.  Where a header's pixel size disagrees with
+    the metadata's, the metadata's is used and one warning names the first such stack
+    and both values (:meth:`ParticleSet.note`).
+
+    problems: when given (diagnostics, ``mpirefine info``), a stack that fails a check
+    is recorded there (stack id -> message) instead of raising, and stacks that do not
+    exist are skipped.
     """
-    box = int(ps.box)
-    counts, max_index = stack_usage(ps)
-    for sid in range(len(ps.stack_paths)):
-        if counts[sid]:
-            info = check_stack(ps, sid, box, int(max_index[sid]))
-            box = box or info.nx
-    return box
+    headers: dict[int, StackInfo] = {}
+    disagree = []
+    _, max_index = stack_usage(ps)
+    for sid, rows in enumerate(stack_rows(ps)):
+        if not rows.size:
+            continue
+        path = ps.stack_paths[sid]
+        if problems is not None and not os.path.isfile(path):
+            continue
+        try:
+            boxes = np.unique(ps.image_box[rows])
+            if boxes.size > 1:
+                raise InputError(f"{ps.source_path}: the particles of stack {path} have "
+                                 f"different boxes ({', '.join(str(int(b)) for b in boxes)} "
+                                 "px); one stack holds images of one size: fix the optics "
+                                 "groups (rlnImageSize / blob/shape)")
+            info = check_stack(ps, sid, int(boxes[0]), int(max_index[sid]))
+        except InputError as exc:
+            if problems is None:
+                raise
+            problems[sid] = str(exc)
+            continue
+        headers[sid] = info
+        if boxes[0] == 0:
+            ps.image_box[rows] = info.nx
+        meta = float(ps.image_pixel_size_A[rows[0]])
+        if info.pixel_size_A > 0 and meta > 0 and (
+                abs(info.pixel_size_A - meta) > PIXEL_SIZE_TOLERANCE * meta):
+            disagree.append((path, info.pixel_size_A, meta))
+    if disagree:
+        path, header, meta = disagree[0]
+        others = (f" (and {len(disagree) - 1} more of the {len(headers)} stacks)"
+                  if len(disagree) > 1 else "")
+        ps.note(f"the header of {path} says {header:g} Å/px but {ps.source_path} says "
+                f"{meta:g} Å/px{others}; using {meta:g} Å/px from the metadata (stack "
+                "headers are often 1 or 0; relion_image_handler --angpix fixes them)")
+    if not ps.box:
+        ps.box = int(ps.image_box[ps._reference_row])
+    return headers
 
 
-def header_pixel_size_A(stack_paths: Sequence[str]) -> float:
-    """Pixel size (Å) in the header of the first stack that exists; 0.0 when none does."""
+def header_pixel_size_A(stack_paths: Sequence[str], source_path: str, fix: str) -> float:
+    """For a particle file whose metadata gives no pixel size: the header pixel size
+    of its first stack that exists, 0.0 when none does.
+
+    An implausible header value (0, exactly 1 — what writers leave when they know
+    none — or outside PLAUSIBLE_HEADER_PIXEL_A) is a one-line InputError naming the
+    file and ``fix``.
+    """
     for path in stack_paths:
         if os.path.isfile(path):
-            return stack_info(path).pixel_size_A
+            px = stack_info(path).pixel_size_A
+            lo, hi = PLAUSIBLE_HEADER_PIXEL_A
+            if px == 1.0 or not lo <= px <= hi:
+                raise InputError(f"{source_path} gives no pixel size, and the header of "
+                                 f"{path} says {px:g} Å/px, which is no real pixel size "
+                                 f"(writers leave 0 or 1); {fix}")
+            return px
     return 0.0
 
 
@@ -237,12 +455,32 @@ class ImageSource:
     At most ``max_open`` stacks are mapped at once (least recently used closed first):
     RELION projects often have one stack per micrograph, thousands in all, and each map
     costs file descriptors.
+
+    Memory does not grow with the stacks: a read copies the images asked for out of the
+    map, then hands the map's resident pages back (``madvise(MADV_DONTNEED)``; the
+    kernel's page cache keeps the file, so nothing is read twice from disk for it).
+    Without that, a pass over a memory-mapped stack would leave every page it touched
+    in the rank's resident set: the whole stack, 26 GB for 100,000 images of 256 px.
+
+    :meth:`batches` reads one batch ahead on a background thread (``prefetch``), so the
+    next batch comes off the disk while the caller works on the current one.  The reads
+    are the ones a plain loop makes, in the same order, so results do not change.
+
+    Counters (for benchmarks and timings): ``read_seconds``, time spent reading on
+    whichever thread; ``wait_seconds``, time :meth:`batches`' caller waited for images;
+    ``images_read``.
     """
 
-    def __init__(self, particle_set: ParticleSet, max_open: int = 64):
+    def __init__(self, particle_set: ParticleSet, max_open: int = 64, prefetch: bool = True):
         self.particles = particle_set
         self.max_open = max(1, int(max_open))
+        self.prefetch = bool(prefetch)
         self._open: OrderedDict[int, MrcStack] = OrderedDict()
+        self._lock = threading.Lock()        # one read at a time: the open maps are shared
+        self._pending: set[Future] = set()   # prefetches submitted and not finished
+        self.read_seconds = 0.0
+        self.wait_seconds = 0.0
+        self.images_read = 0
 
     def _stack(self, sid: int) -> MrcStack:
         stack = self._open.pop(sid, None)
@@ -258,42 +496,99 @@ class ImageSource:
         self._open[sid] = stack
         return stack
 
+    @staticmethod
+    def _drop_resident_pages(stack: MrcStack) -> None:
+        """Unmap the pages a read faulted into ``stack``'s read-only map (they stay in
+        the page cache); a no-op where the map or madvise is not available."""
+        data = getattr(stack, "_data", None)
+        mapped = getattr(data, "_mmap", None)
+        if mapped is None or getattr(data, "mode", None) != "r" or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
     def images(self, indices) -> np.ndarray:
         """Images of particles ``indices`` (rows of the set), float32 (m, box, box), in that order."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        with self._lock:
+            start = time.perf_counter()
+            out = self._read(idx)
+            self.read_seconds += time.perf_counter() - start
+            self.images_read += idx.size
+        return out
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
         ps = self.particles
         box = ps.box
-        out = np.empty((idx.size, box, box), dtype=np.float32)
         sid = ps.stack_id[idx]
         order = np.argsort(sid, kind="stable")       # one pass per stack, stacks in order
-        bounds = np.flatnonzero(np.diff(sid[order])) + 1
-        for group in np.split(order, bounds):
-            if group.size == 0:
-                continue
+        groups = [g for g in np.split(order, np.flatnonzero(np.diff(sid[order])) + 1) if g.size]
+        out = None if len(groups) == 1 else np.empty((idx.size, box, box), dtype=np.float32)
+        for group in groups:
             stack = self._stack(int(sid[group[0]]))
             within = ps.stack_index[idx[group]]
             block = stack.read(within)
+            self._drop_resident_pages(stack)
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 k = int(np.flatnonzero(~finite)[0])
                 raise InputError(f"image {within[k] + 1} of stack {stack.path} (particle row "
                                  f"{idx[group[k]] + 1} of {ps.source_path}) contains NaN/Inf "
                                  "pixels; remove these particles or re-extract them")
+            if out is None:      # one stack: the block is already in the caller's order
+                return block
             out[group] = block
         return out
 
-    def batches(self, indices, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, indices, size: int,
+                prefetch: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, images) for consecutive image batches of at most ``size``
-        particles (``--image-batch-size``)."""
+        particles (``--image-batch-size``), in order.
+
+        With ``prefetch`` (default: the source's setting) batch k + 1 is read on a
+        background thread while the caller works on batch k, so up to three batches of
+        images are alive at once.  A read error is raised when its batch is due, as
+        without prefetching."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         size = max(1, int(size))
-        for start in range(0, idx.size, size):
-            block = idx[start:start + size]
-            yield block, self.images(block)
+        blocks = [idx[start:start + size] for start in range(0, idx.size, size)]
+        if not (self.prefetch if prefetch is None else prefetch) or len(blocks) < 2:
+            for block in blocks:
+                start = time.perf_counter()
+                images = self.images(block)
+                self.wait_seconds += time.perf_counter() - start
+                yield block, images
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpirefine-images")
+        pending = self._submit(pool, blocks[0])
+        try:
+            for k, block in enumerate(blocks):
+                start = time.perf_counter()
+                images = pending.result()
+                self.wait_seconds += time.perf_counter() - start
+                pending = self._submit(pool, blocks[k + 1]) if k + 1 < len(blocks) else None
+                yield block, images
+        finally:
+            if pending is not None:
+                pending.cancel()
+            pool.shutdown(wait=True)
+
+    def _submit(self, pool: ThreadPoolExecutor, block: np.ndarray) -> Future:
+        future = pool.submit(self.images, block)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
 
     def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
+        """Close every map, after a read in progress on the prefetch thread has ended."""
+        for future in list(self._pending):
+            future.cancel()
+        wait(list(self._pending))
+        with self._lock:
+            while self._open:
+                self._open.popitem()[1].close()
 
     def __enter__(self) -> "ImageSource":
         return self

@@ -4,7 +4,9 @@ RELION 3.0 files have one particle table: optics values (voltage, Cs, ...) sit o
 row, origins are in pixels (rlnOriginX/Y) and the pixel size is rlnImagePixelSize or
 rlnDetectorPixelSize [µm] * 1e4 / rlnMagnification.  RELION 3.1 and later add a
 data_optics table keyed by rlnOpticsGroup and store origins in Å (rlnOriginXAngst/Y).
-A value present on a particle row overrides its optics group's.
+A value present on a particle row overrides its optics group's.  Optics groups may
+differ in pixel size and box: each particle keeps its own, and the first optics group
+(the first row of data_optics) sets the reference grid, as in RELION.
 
 We always write the 3.1+ layout (data_optics + data_particles), keeping every input
 column and row order and replacing only what refinement changes: angles, origins,
@@ -37,8 +39,6 @@ ORIGINS_A = ("rlnOriginXAngst", "rlnOriginYAngst")
 ORIGINS_PX = ("rlnOriginX", "rlnOriginY")
 _REQUIRED = ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
              "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
-# Relative spread tolerated between optics groups before we call the set "mixed".
-_SAME = 1e-4
 # Reproduces every value read from text with <= 12 significant digits (RELION writes
 # 6 decimals), while hiding the last-bit noise of angles recomputed from matrices.
 _FLOAT_FORMAT = "%.12g"
@@ -101,13 +101,14 @@ class _Columns:
         return lookup.loc[self.group].to_numpy()
 
 
-def _uniform(values: np.ndarray, what: str, path: str) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo > _SAME * max(abs(hi), 1e-12):
-        raise InputError(f"{path}: mixed {what} ({lo:g} to {hi:g}) across optics groups are "
-                         "not supported yet; re-extract all particles with one box and pixel size")
-    return float(values[0])
+def _reference_row(optics: pd.DataFrame | None, group: np.ndarray) -> int:
+    """A particle of the first optics group (data_optics order) that has particles."""
+    if optics is not None and "rlnOpticsGroup" in optics.columns:
+        for g in optics["rlnOpticsGroup"].to_numpy():
+            hit = np.flatnonzero(group == g)
+            if hit.size:
+                return int(hit[0])
+    return 0
 
 
 def split_image_names(names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -154,18 +155,31 @@ def read_star(path: str | os.PathLike, project_dir: str | None = None,
                              "Run from the RELION project folder or pass --project-dir"))
     stack_id = code_to_sid[codes]
 
+    # Each particle's pixel size and box come from the metadata; stack headers only
+    # stand in when the metadata has no pixel size at all (check_stacks compares them).
+    fix = "add rlnImagePixelSize (Å per pixel) to data_optics"
+    notes = []
     pixel = cols.get("rlnImagePixelSize")
     if pixel is None and cols.has("rlnDetectorPixelSize") and cols.has("rlnMagnification"):
         pixel = (cols.get("rlnDetectorPixelSize").astype(float) * 1e4
                  / cols.get("rlnMagnification").astype(float))
     if pixel is None:
-        pixel = np.array([header_pixel_size_A(stack_paths)])
-    pixel_size = _uniform(pixel, "pixel sizes", path)
-    if pixel_size <= 0:
-        raise InputError(f"{path} gives no pixel size (rlnImagePixelSize) and the stack header "
-                         "has none; add rlnImagePixelSize to data_optics")
+        header = header_pixel_size_A(stack_paths, path, fix)
+        if header > 0:
+            notes.append(f"{path} gives no pixel size; using {header:g} Å/px from the stack "
+                         f"header ({fix} to be sure)")
+        pixel = np.full(n, header)
+    pixel = np.asarray(pixel, dtype=np.float64)
+    if np.any(pixel <= 0):
+        message = (f"{path} gives no pixel size (rlnImagePixelSize) for some particles and "
+                   f"their stack headers have none; {fix}")
+        if require_stacks:
+            raise InputError(message)
+        notes.append(message)
     size = cols.get("rlnImageSize")
-    box = int(round(_uniform(size, "box sizes", path))) if size is not None else 0
+    image_box = (np.zeros(n, dtype=np.int64) if size is None
+                 else np.round(np.asarray(size, dtype=np.float64)).astype(np.int64))
+    ref = _reference_row(optics, cols.group)
 
     def floats(label, default=None):
         v = cols.get(label, default)
@@ -189,39 +203,72 @@ def read_star(path: str | os.PathLike, project_dir: str | None = None,
         if ORIGINS_A[axis] in particles.columns:
             shifts[:, axis] = particles[ORIGINS_A[axis]].to_numpy(dtype=float)
         elif ORIGINS_PX[axis] in particles.columns:
-            shifts[:, axis] = particles[ORIGINS_PX[axis]].to_numpy(dtype=float) * pixel_size
+            shifts[:, axis] = particles[ORIGINS_PX[axis]].to_numpy(dtype=float) * pixel
     split = np.full(n, -1, dtype=np.int8)
     if "rlnRandomSubset" in particles.columns:
         subset = particles["rlnRandomSubset"].to_numpy(dtype=float)
         split[subset == 1] = 0
         split[subset == 2] = 1
-    return ParticleSet(
-        box=box, pixel_size_A=pixel_size, stack_paths=stack_paths, stack_id=stack_id,
-        stack_index=numbers.astype(np.int64) - 1, ctf=ctf, rotations=rotations,
-        shifts_A=shifts, split=split, scale=floats("rlnCtfScalefactor", 1.0),
-        optics_group=cols.group, source_path=path, source_format="star",
+    ps = ParticleSet(
+        box=int(image_box[ref]), pixel_size_A=float(pixel[ref]), stack_paths=stack_paths,
+        stack_id=stack_id, stack_index=numbers.astype(np.int64) - 1, ctf=ctf,
+        rotations=rotations, shifts_A=shifts, split=split,
+        scale=floats("rlnCtfScalefactor", 1.0), optics_group=cols.group, source_path=path,
+        source_format="star", image_box=image_box, image_pixel_size_A=pixel,
         _star_optics=optics, _star_particles=particles, _star_legacy=legacy,
-        _project_dir=project_dir)
+        _project_dir=project_dir, _reference_row=ref)
+    for message in notes:
+        ps.note(message)
+    return ps
 
 
 # -------------------------------------------------------------------------- writing
 
 def _optics_from_arrays(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
-    """One optics group per distinct (voltage, Cs, amplitude contrast); (table, group per row)."""
+    """One optics group per distinct (input group, voltage, Cs, amplitude contrast, pixel
+    size, box), numbered in order of first appearance, so that the first particle's
+    group stays first (it sets RELION's reference grid); (table, group per row)."""
     n = len(ps)
     ctf = ps.ctf
-    keys = np.stack([np.broadcast_to(v, (n,)) for v in
-                     (ctf.voltage_kV, ctf.cs_mm, ctf.amplitude_contrast)], axis=1)
-    uniq, group = np.unique(keys, axis=0, return_inverse=True)
+    keys = np.stack([np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for v in
+                     (ps.optics_group, ctf.voltage_kV, ctf.cs_mm, ctf.amplitude_contrast,
+                      ps.image_pixel_size_A, ps.image_box)], axis=1)
+    uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)                     # group k+1 = k-th key to appear
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    uniq = uniq[order]
     m = len(uniq)
     optics = pd.DataFrame({
         "rlnOpticsGroup": np.arange(1, m + 1),
         "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, m + 1)],
-        "rlnAmplitudeContrast": uniq[:, 2], "rlnSphericalAberration": uniq[:, 1],
-        "rlnVoltage": uniq[:, 0], "rlnImagePixelSize": np.full(m, ps.pixel_size_A),
-        "rlnImageSize": np.full(m, ps.box, dtype=np.int64),
+        "rlnAmplitudeContrast": uniq[:, 3], "rlnSphericalAberration": uniq[:, 2],
+        "rlnVoltage": uniq[:, 1], "rlnImagePixelSize": uniq[:, 4],
+        "rlnImageSize": uniq[:, 5].astype(np.int64),
         "rlnImageDimensionality": np.full(m, 2, dtype=np.int64)})
-    return optics, group.reshape(-1) + 1
+    return optics, rank[inverse.reshape(-1)] + 1
+
+
+def _complete_optics(ps: ParticleSet, optics: pd.DataFrame,
+                     particles: pd.DataFrame) -> pd.DataFrame:
+    """The input's data_optics with what RELION 3.1+ needs of each group filled in where
+    the input left it to the stack headers: each group's own pixel size and box."""
+    groups = (optics["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in optics.columns
+              else np.ones(len(optics), dtype=np.int64))
+
+    def per_group(values):
+        out = []
+        for g in groups:
+            rows = np.flatnonzero(ps.optics_group == g)
+            out.append(values[rows[0]] if rows.size else values[ps._reference_row])
+        return np.asarray(out)
+
+    for label, values in (("rlnImagePixelSize", ps.image_pixel_size_A),
+                          ("rlnImageSize", ps.image_box),
+                          ("rlnImageDimensionality", np.full(len(ps), 2, dtype=np.int64))):
+        if label not in optics.columns and label not in particles.columns:
+            optics[label] = per_group(values)
+    return optics
 
 
 def _portable_image_names(ps: ParticleSet, names: pd.Series, out_path: str) -> pd.Series:
@@ -262,13 +309,7 @@ def write_star(path: str | os.PathLike, particle_set: ParticleSet,
             optics, group = _optics_from_arrays(ps)
             particles["rlnOpticsGroup"] = group
         else:
-            optics = ps._star_optics.copy()
-            # RELION 3.1+ needs these per optics group; fill them when the input left
-            # them to the stack headers.
-            for label, value in (("rlnImagePixelSize", ps.pixel_size_A),
-                                 ("rlnImageSize", ps.box), ("rlnImageDimensionality", 2)):
-                if label not in optics.columns and label not in particles.columns:
-                    optics[label] = value
+            optics = _complete_optics(ps, ps._star_optics.copy(), particles)
     else:
         optics, group = _optics_from_arrays(ps)
         ctf = ps.ctf

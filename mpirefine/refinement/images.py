@@ -5,14 +5,31 @@ circle between the inner and outer window radii, as fractions of half the box),
 Fourier transformed, and paired with its CTF on the same half-plane grid.  No
 per-image intensity scaling is done: contrast differences between particles are
 what the per-particle scale models.
+
+Optics groups with another box or pixel size than the reference grid (the first
+group's, or ``--box`` / ``--pixel-size``) are brought onto it first: each image of n px
+of p Å is Fourier cropped or padded to n' = round(n·p / p_ref) px, which makes its
+pixels n·p / n' Å (p_ref up to the rounding of n'), then cut or padded in real space to
+the reference box.  Where that rounding would scale the image by more than 0.1 / box
+(small boxes: 64 px of 1.24 Å give 63 px of 1.2597 Å), the image is first padded in
+real space to a box m that rounds well (:func:`~mpirefine.io.particles.resampling_plan`).
+Its CTF is evaluated with the group's own parameters at the effective pixel size m·p /
+n', and is zero beyond the group's own Nyquist frequency where the image was padded in
+Fourier space (nothing was measured there).  Particles on the reference grid take
+exactly the path they always took.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from mpirefine.fourier.transforms import centered_rfft2, freq_grid_2d
+import numpy as np
+
+from mpirefine.backend import array_namespace
+from mpirefine.fourier.transforms import centered_rfft2, freq_grid_2d, radius_2d
 from mpirefine.geometry.spheres import radial_distance
+from mpirefine.io import ImageSource
+from mpirefine.io.particles import ImageGrid, ParticleSet
 from mpirefine.physics.ctf import CTFParams, evaluate_ctf
 
 
@@ -44,13 +61,18 @@ def real_space_window(prep: ImagePrep, xp):
     return (0.5 + 0.5 * xp.cos(xp.pi * t)).astype(xp.float32)
 
 
-def prepare_images(images, prep: ImagePrep, xp):
+def prepare_images(images, prep: ImagePrep, xp, grid: ImageGrid | None = None):
     """Windowed transforms, (B, n, n // 2 + 1) complex64 on ``xp``'s device.
 
-    images: (B, n, n) real (host or device).  The mean of the ring outside the inner
-    window radius is subtracted first, so the window does not cut a pedestal.
+    images: (B, m, m) real (host or device).  grid: the particles' own grids
+    (``ParticleSet.image_grid``), None when they are on the reference grid (then m is
+    the reference box); otherwise they are brought onto it first (:func:`to_reference_grid`).
+    The mean of the ring outside the inner window radius is subtracted first, so the
+    window does not cut a pedestal.
     """
     imgs = xp.asarray(images, dtype=xp.float32)
+    if grid is not None:
+        imgs = to_reference_grid(imgs, grid)
     if prep.window:
         w = real_space_window(prep, xp)
         ring = (radial_distance(prep.box, xp, ndim=2) >= prep.window_inner * prep.box / 2.0)
@@ -59,8 +81,157 @@ def prepare_images(images, prep: ImagePrep, xp):
     return centered_rfft2(imgs).astype(xp.complex64)
 
 
-def ctf_grid(params: CTFParams, prep: ImagePrep, xp):
-    """CTF of each particle on the half-plane grid, (B, n, n // 2 + 1) float32."""
+def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = None):
+    """CTF of each particle on the half-plane grid, (B, n, n // 2 + 1) float32.
+
+    grid: as for :func:`prepare_images`; particles off the reference grid get their CTF
+    at their effective pixel size, cut at their own Nyquist frequency where their
+    images were Fourier padded.
+    """
     ky, kx = freq_grid_2d(prep.box, xp)
-    scale = 1.0 / (prep.box * prep.pixel_size_A)
-    return evaluate_ctf(params, kx * scale, ky * scale)
+    if grid is None:
+        scale = 1.0 / (prep.box * prep.pixel_size_A)
+        return evaluate_ctf(params, kx * scale, ky * scale)
+    n = prep.box
+    pixel = grid.effective_pixel_size_A()
+    values, which = np.unique(pixel, return_inverse=True)
+    out = xp.empty((len(pixel), n, n // 2 + 1), dtype=xp.float32)
+    for k, p in enumerate(values):
+        rows = np.flatnonzero(which.reshape(-1) == k)
+        scale = 1.0 / (n * float(p))
+        out[xp.asarray(rows)] = evaluate_ctf(params.subset(rows), kx * scale, ky * scale)
+    padded, resampled = grid.padded_box(), grid.resampled_box()
+    upsampled = np.flatnonzero(resampled > padded)
+    if upsampled.size:
+        # each such particle's own Nyquist frequency, in shells of the reference grid
+        nyquist = xp.asarray(0.5 * padded[upsampled] * n / resampled[upsampled], xp.float32)
+        rows = xp.asarray(upsampled)
+        out[rows] = out[rows] * (radius_2d(n, xp)[None] <= nyquist[:, None, None])
+    return out
+
+
+# ------------------------------------------------------------- onto the reference grid
+
+def fourier_resample(images, size: int):
+    """(B, n, n) → (B, size, size) float32: the centred transform cropped or zero-padded
+    to size × size, so pixels become n / size times as large (or small).  Pixel values
+    keep their scale (the transform is multiplied by (size / n)²); the centre stays at
+    index n // 2 → size // 2."""
+    xp = array_namespace(images)
+    n = images.shape[-1]
+    if size == n:
+        return images
+    axes = (-2, -1)
+    f = xp.fft.fftshift(xp.fft.fft2(xp.fft.ifftshift(images, axes=axes)), axes=axes)
+    out = xp.zeros(images.shape[:-2] + (size, size), dtype=f.dtype)
+    k = min(n, size)                     # frequencies -k//2 .. k - 1 - k//2 are kept
+    i, o = n // 2 - k // 2, size // 2 - k // 2
+    out[..., o:o + k, o:o + k] = f[..., i:i + k, i:i + k]
+    img = xp.fft.fftshift(xp.fft.ifft2(xp.fft.ifftshift(out, axes=axes)), axes=axes).real
+    return (img * ((size / n) ** 2)).astype(xp.float32)
+
+
+def crop_or_pad(images, size: int):
+    """(B, n, n) → (B, size, size): the central size × size pixels, or the images in the
+    middle of a larger box filled with each image's mean over its outermost pixels (so
+    no step is added at the old edge).  The centre stays at index n // 2 → size // 2."""
+    xp = array_namespace(images)
+    n = images.shape[-1]
+    if size == n:
+        return images
+    if size < n:
+        o = n // 2 - size // 2
+        return images[..., o:o + size, o:o + size]
+    edge = xp.concatenate([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0],
+                           images[..., 1:-1, -1]], axis=-1).mean(axis=-1)
+    out = xp.empty(images.shape[:-2] + (size, size), dtype=images.dtype)
+    out[...] = edge[..., None, None]
+    o = size // 2 - n // 2
+    out[..., o:o + n, o:o + n] = images
+    return out
+
+
+def to_reference_grid(images, grid: ImageGrid):
+    """(B, n, n) images of particles of box n → (B, N, N) float32 on the reference grid
+    (N = grid.box): pad each to its m, Fourier crop or pad to its n' = round(m·p /
+    p_ref) (``ImageGrid``; usually m = n), then cut or pad to N in real space.  Runs on
+    the images' array namespace."""
+    xp = array_namespace(images)
+    n = images.shape[-1]
+    if np.any(grid.image_box != n):
+        raise ValueError(f"images of {n} px given for particles of "
+                         f"{sorted(set(grid.image_box.tolist()))} px")
+    plan = np.stack([grid.padded_box(), grid.resampled_box()], axis=1)
+    steps, which = np.unique(plan, axis=0, return_inverse=True)
+
+    def resample(block, m, n_res):
+        return crop_or_pad(fourier_resample(crop_or_pad(block, m), n_res), grid.box)
+
+    if len(steps) == 1:
+        return resample(images, int(steps[0, 0]), int(steps[0, 1]))
+    out = xp.empty((images.shape[0], grid.box, grid.box), dtype=xp.float32)
+    for k, (m, n_res) in enumerate(steps):
+        rows = xp.asarray(np.flatnonzero(which.reshape(-1) == k))
+        out[rows] = resample(images[rows], int(m), int(n_res))
+    return out
+
+
+# -------------------------------------------------------------------- reading images
+
+def open_images(ps: ParticleSet):
+    """Where a job's images come from: an :class:`ImageSource` over ``ps``, or, when
+    its optics groups have more than one box, a :class:`MixedBoxImages` that yields
+    each batch from one box (``prepare_images`` then brings them onto the reference
+    grid).  Both are context managers with ``batches(indices, size)``."""
+    if np.all(ps.image_box == ps.box):
+        return ImageSource(ps)
+    return MixedBoxImages(ps)
+
+
+class MixedBoxImages:
+    """:class:`ImageSource` for a particle set whose optics groups differ in box: one
+    source per box, and batches that never mix boxes (each batch is one array).
+    ``batches`` yields (indices, images) like ImageSource's: box after box, the
+    particles of each box in the order given."""
+
+    def __init__(self, ps: ParticleSet):
+        self.particles = ps
+        self._sources: dict[int, tuple[np.ndarray, ImageSource]] = {}
+        for box in np.unique(ps.image_box):
+            rows = np.flatnonzero(ps.image_box == box)
+            view = replace(
+                ps, box=int(box), stack_id=ps.stack_id[rows], stack_index=ps.stack_index[rows],
+                ctf=ps.ctf.subset(rows), rotations=None, shifts_A=ps.shifts_A[rows],
+                split=ps.split[rows], scale=ps.scale[rows], optics_group=ps.optics_group[rows],
+                image_box=ps.image_box[rows], image_pixel_size_A=ps.image_pixel_size_A[rows],
+                notes=[], _star_optics=None, _star_particles=None, _cs_table=None,
+                _reference_row=0)
+            self._sources[int(box)] = (rows, ImageSource(view))
+
+    def batches(self, indices, size: int):
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        boxes = self.particles.image_box[idx]
+        for box, (rows, source) in self._sources.items():
+            mine = idx[boxes == box]
+            if mine.size:
+                for local, images in source.batches(np.searchsorted(rows, mine), size):
+                    yield rows[local], images
+
+    def images(self, indices) -> np.ndarray:
+        """Images of particles ``indices``, which must share one box (m, box, box)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        boxes = np.unique(self.particles.image_box[idx])
+        if boxes.size != 1:
+            raise ValueError(f"particles of several boxes ({boxes.tolist()}) asked at once")
+        rows, source = self._sources[int(boxes[0])]
+        return source.images(np.searchsorted(rows, idx))
+
+    def close(self) -> None:
+        for _, source in self._sources.values():
+            source.close()
+
+    def __enter__(self) -> "MixedBoxImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -11,6 +11,11 @@ The model follows what the code allocates (sizes in bytes, n = box in px, paddin
   at Nyquist, as :func:`mpirefine.search.poses.working_bytes` counts them (a chunk's data
   at the search frequencies, the first level's projection cache when it fits in
   half of the search's max_chunk_MB, the global grid's tables, the scoring blocks);
+- per rank, on the host: the images read ahead, two more batches of raw images
+  (ImageSource's prefetch reads the next batch while the current one is searched).
+  The stacks themselves are not held: they are memory-mapped and a read hands the
+  mapped pages back, so nothing here grows with the number of particles except the
+  per-particle metadata and results below (measured: benchmarks/bench_stream.py);
 - half roots (world ranks 0 and 1; rank 0 alone on one rank): reconstruction
   temporaries, about three accumulators (Hermitian copies, regulariser, quotient),
   one half at a time, and both half maps on the host;
@@ -67,6 +72,7 @@ def component_bytes(box: int, image_batch_size: int) -> dict:
         "accumulator": 24 * padded,
         "reference": 8 * padded + 8 * (2 * n + 4) ** 2 * (n + 3) + 2 * 4 * n ** 3,
         "image_batch": 2 * image_batch_size * (4 * n * n + 8 * half_plane + 4 * half_plane),
+        "image_prefetch": 2 * image_batch_size * 4 * n * n,
         "search": search_bytes(n, image_batch_size),
         "reconstruction": 3 * 24 * padded,
         "half_maps": 2 * 2 * 4 * n ** 3,        # both half maps and the next references
@@ -105,7 +111,8 @@ def memory_per_rank(box: int, n_particles: int, n_ranks: int, image_batch_size: 
     for label, halves, is_root, is_world_root in specs:
         device = {"accumulators": halves * c["accumulator"], "references": halves * c["reference"],
                   "image batch": c["image_batch"], "pose search (at Nyquist)": c["search"]}
-        host = {"Python and libraries": BASELINE_HOST_BYTES, "particle metadata": int(metadata)}
+        host = {"Python and libraries": BASELINE_HOST_BYTES, "particle metadata": int(metadata),
+                "images read ahead": c["image_prefetch"]}
         if is_root:
             device["reconstruction"] = c["reconstruction"]
             host["half maps"] = c["half_maps"]
