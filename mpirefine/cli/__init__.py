@@ -7,8 +7,9 @@ so a half-written module cannot break the rest and ``--help`` stays fast.
 
 Exit status: the subcommand's return value; 2 for usage errors and
 :class:`mpirefine.errors.InputError` (one line, ``mpirefine <cmd>: error: ...``);
-130 on Ctrl-C; under MPI any other failure aborts every rank (see
-:func:`mpirefine.parallel.run_guarded`).
+130 on Ctrl-C; 141, quietly, when standard output was closed (``mpirefine info P |
+head``); under MPI any other failure aborts every rank (see
+:func:`mpirefine.parallel.run_guarded` and docs/parallel.md, "Failures").
 """
 
 # BLAS and OpenMP size their thread pools when numpy loads, so the per-rank limit must
@@ -24,7 +25,7 @@ import importlib.util  # noqa: E402
 import sys  # noqa: E402
 
 from mpirefine import __version__  # noqa: E402
-from mpirefine.parallel import run_guarded  # noqa: E402
+from mpirefine.parallel import EXIT_CLOSED_OUTPUT, discard_stdout, run_guarded  # noqa: E402
 
 # Known subcommands, in the order `mpirefine --help` lists them.
 COMMANDS = ("refine", "demo", "simulate", "reconstruct", "fsc", "info", "report")
@@ -94,7 +95,23 @@ def build_parser(selected: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mpirefine`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    """Run ``mpirefine`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
+
+    A closed standard output (the reader of a pipe went away, as ``| head`` does) ends
+    any subcommand quietly with status 141, as a shell reports a program that SIGPIPE
+    ended, instead of with a BrokenPipeError traceback.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:  # what is still buffered fails here, while it can still be handled
+            sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        return EXIT_CLOSED_OUTPUT
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = _selected_command(argv)
     parser, module = build_parser(selected)
