@@ -35,8 +35,14 @@ import sys
 import tempfile
 import time
 
-# Timer categories that refine.py / parallel.py fill (seconds per rank).
-CATEGORIES = ("search", "backprojection", "communication", "idle", "reconstruction")
+# Timer categories that refine.py / parallel.py fill (seconds per rank, each second
+# counted once, in the innermost category): the particle work (reading, preparation,
+# search, backprojection = insertion), the map work every rank does (reconstruction:
+# packing, the slab stages), work only the root pair does (root), rank 0's checkpoint
+# copy and waits (checkpoint; the file is written by a thread), time inside MPI calls
+# moving data (communication) and waiting at barriers for slower ranks (idle).
+CATEGORIES = ("reading", "preparation", "search", "backprojection", "reconstruction", "root",
+              "checkpoint", "communication", "idle")
 TARGET_RATIO_2_RANKS = 0.6
 TARGET_COMM_FRACTION = 0.10
 
@@ -266,6 +272,10 @@ def digest_run(ranks: int, repeat: int, threads: int, cmd: list[str], raw: dict)
             "communication_fraction": sec["communication"] / wall if wall else None,
             "comm_seconds_fraction": float(t.get("comm_seconds", 0.0)) / wall if wall else None,
             "bytes_per_iteration": int(t.get("bytes_communicated", 0)) / n_it if n_it else None,
+            # wall time that no category holds (setup before the first iteration, outputs)
+            "unaccounted_seconds": wall - sum(sec.values()) - sum(other.values()),
+            "checkpoint_write_seconds": counts.get("checkpoint_write_seconds"),
+            "collectives": t.get("collectives") or {},
         })
     iteration_seconds = [it["seconds"] for it in its]
     return {
@@ -303,8 +313,14 @@ def summarise(runs: list[dict]) -> dict:
         rows = [r["per_rank"][k] for r in runs if len(r["per_rank"]) > k]
         if not rows:
             continue
+        names = sorted({name for row in rows for name in row.get("collectives", {})})
         per_rank[str(k)] = {
             "seconds": {c: _median([row["seconds"][c] for row in rows]) for c in CATEGORIES},
+            "unaccounted_seconds": _median([row.get("unaccounted_seconds") for row in rows]),
+            "checkpoint_write_seconds": _median([row.get("checkpoint_write_seconds") for row in rows]),
+            "collectives": {name: {key: _median([row["collectives"][name][key] for row in rows
+                                                 if name in row.get("collectives", {})])
+                                   for key in ("calls", "seconds", "bytes")} for name in names},
             "communication_fraction": _median([row["communication_fraction"] for row in rows]),
             "comm_seconds_fraction": _median([row["comm_seconds_fraction"] for row in rows]),
             "bytes_per_iteration": _median([row["bytes_per_iteration"] for row in rows]),
@@ -404,12 +420,15 @@ def main(argv=None) -> int:
                 runs[ranks].append(rec)
                 comm = max((p["communication_fraction"] or 0.0) for p in rec["per_rank"]) \
                     if rec["per_rank"] else float("nan")
-                print(f"ranks {ranks} ({threads} threads each) repeat {repeat + 1}/{args.repeats}: "
+                over = f", oversubscribed on {cores} cores" if ranks > cores else ""
+                print(f"ranks {ranks} ({threads} threads each{over}) repeat {repeat + 1}/{args.repeats}: "
                       f"{rec['median_seconds_per_iteration']:.2f} s/iteration, wall "
                       f"{rec['wall_seconds']:.1f} s, final {rec['final_resolution_A']:.2f} Å, "
                       f"communication {100 * comm:.1f} % (max rank), load "
                       f"{rec['loadavg_1min_before']} → {rec['loadavg_1min_after']}", flush=True)
         medians = {str(r): summarise(runs[r]) for r in args.ranks}
+        for r in args.ranks:   # more ranks than cores: they time-share the cores
+            medians[str(r)]["oversubscribed"] = r > cores
         for r in args.ranks:  # the search's GEMM FLOP rate against sgemm on the same threads
             rate = machine_gemm_rate(max(1, cores // r))
             medians[str(r)]["machine_gemm_flops_per_s_per_rank"] = rate
@@ -464,6 +483,19 @@ def print_table(result: dict) -> None:
               f"{m['final_resolution_A']:8.2f} {100 * (comm or 0):7.1f} "
               f"{(mb or 0) / 1e6:8.2f} {ratio if ratio is not None else float('nan'):9.3f} "
               f"{100 * gemm if gemm is not None else float('nan'):12.1f}")
+    print("seconds per rank over the whole run (medians; each second in one category):")
+    short = {"reading": "read", "preparation": "prep", "search": "search",
+             "backprojection": "insert", "reconstruction": "recon", "root": "root",
+             "checkpoint": "ckpt", "communication": "comm", "idle": "idle"}
+    print(f"{'ranks':>5} {'rank':>4} " + " ".join(f"{v:>7}" for v in short.values())
+          + f" {'other':>7} {'MB/iter':>8}")
+    for m in result["medians"].values():
+        for rank, row in m["per_rank"].items():
+            sec = row["seconds"]
+            print(f"{m['ranks']:5d} {rank:>4} " + " ".join(f"{sec.get(c) or 0.0:7.2f}" for c in short)
+                  + f" {row.get('unaccounted_seconds') or 0.0:7.2f}"
+                  + f" {(row.get('bytes_per_iteration') or 0) / 1e6:8.2f}"
+                  + ("  (oversubscribed)" if m.get("oversubscribed") and rank == "0" else ""))
     target = result["scaling"].get("target_2_ranks")
     if target:
         print(f"target t(2)/t(1) <= {target['ratio_target']} with communication < "

@@ -346,3 +346,151 @@ def test_cuda_aware_mpi_can_be_forced_either_way():
     assert parallel.cuda_aware_mpi({"MPIREFINE_CUDA_AWARE": "no"}) is False
     # asked of MPI itself otherwise: the mpich wheel is not CUDA-aware
     assert isinstance(parallel.cuda_aware_mpi({}), bool)
+
+
+# ---- honest timings, the distributed reconstruction's collectives ---------------------
+
+def test_nested_timer_blocks_count_each_second_once():
+    timer = Timer()
+    with timer("reconstruction"):
+        time.sleep(0.02)
+        with timer("communication"):
+            time.sleep(0.03)
+        time.sleep(0.01)
+    s = timer.seconds
+    assert 0.03 <= s["communication"] < 0.05
+    assert 0.03 <= s["reconstruction"] < 0.05      # the inner 0.03 s is not in here
+    with timer("search"):
+        pass
+    assert not timer._open
+
+
+def test_collectives_inside_a_timed_block_count_as_communication_only():
+    par = Parallel(MPI.COMM_SELF)
+    with par.timer("reconstruction"):
+        par.barrier()
+        par.bcast_obj(1)
+    assert set(par.collectives) == {"barrier", "bcast_obj"}
+    assert par.collectives["barrier"]["calls"] == 1
+    assert par.comm_seconds == pytest.approx(
+        sum(c["seconds"] for c in par.collectives.values()))
+    assert par.timer.seconds["reconstruction"] >= 0
+
+
+def test_single_rank_slab_collectives_hand_the_array_back(rng):
+    par = Parallel(MPI.COMM_SELF)
+    assert par.slab_layout() == {0: 0, 1: 0}
+    assert par.slab_partner(0) == 0 and par.slab_order(1) == [0]
+    a = rng.standard_normal(10).astype(np.float32)
+    assert np.array_equal(par.ireduce_scatter_half(a, [10], 0).wait(), a)
+    assert np.array_equal(par.iallreduce(a).wait(), a)
+    assert np.array_equal(par.alltoallv_half(a, [10], [10], 1), a)
+    assert np.array_equal(par.allgatherv_half(a, [10], 1), a)
+    assert np.array_equal(par.gatherv_half(a, [10], 1), a)
+    assert np.array_equal(par.partner_sendrecv(a, 0), a)
+    assert par.bytes_communicated == 0
+
+
+NODE_LAYOUT = textwrap.dedent("""
+    import json
+    import numpy as np
+    from mpirefine.parallel import Parallel
+
+    par = Parallel()
+    par.slab_layout()
+    out = {}
+    for half in par.halves_here:
+        counts = [3, 0, 5, 2]
+        send = np.arange(10, dtype=np.float64) * (par.rank + 1)
+        got = par.ireduce_scatter_half(send, counts, half).wait()
+        out[half] = dict(order=par.slab_order(half), index=par.slab_layout()[half],
+                         partner=par.slab_partner(half), got=got.tolist())
+    records = par.gather_obj((par.rank, out))
+    if par.is_root:
+        print(json.dumps(records))
+""")
+
+
+def test_node_aware_reduce_scatter_sums_within_nodes_first():
+    """8 ranks as 2 nodes of 4 (MPIREFINE_RANKS_PER_NODE=4): each half has 2 ranks on
+    each node, so slab j·M + m belongs to the j-th of the half's ranks on node m, and
+    the reduce-scatter (within nodes, then across) still gives each slab the sum."""
+    env = dict(clean_env(), MPIREFINE_RANKS_PER_NODE="4")
+    result = subprocess.run([mpiexec_or_skip(), "-n", "8", sys.executable, "-c", NODE_LAYOUT],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    orders = {0: [0, 4, 2, 6], 1: [1, 5, 3, 7]}
+    counts, edges = [3, 0, 5, 2], [0, 3, 3, 8, 10]
+    for rank, out in records.items():
+        half = int(rank) % 2
+        rec = out[str(half)]
+        assert rec["order"] == orders[half]
+        s = orders[half].index(int(rank))
+        assert rec["index"] == s and rec["partner"] == orders[1 - half][s]
+        total = sum(r + 1 for r in orders[half])
+        assert rec["got"] == [v * total for v in range(edges[s], edges[s] + counts[s])]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_slab_collectives_move_each_slab_to_its_owner(xp):
+    par = Parallel()
+    for half in par.halves_here:
+        order = par.slab_order(half)
+        G, s = len(order), par.slab_layout()[half]
+        assert order[0] == par.half_root_world_rank(half) and order[s] == par.rank
+        counts = [k + 1 for k in range(G)]
+        # reduce-scatter: slab t gets the sum of every rank's part t
+        send = xp.arange(sum(counts), dtype=xp.float32) + par.rank
+        got = par.ireduce_scatter_half(send, counts, half).wait()
+        start = sum(counts[:s])
+        expected = sum(np.arange(start, start + counts[s]) + r for r in order)
+        assert type(got) is type(send) and np.allclose(xp.asnumpy(got) if xp is not np else got,
+                                                       expected)
+        # all-to-all: slab s sends (s, t) values, t pieces of t + 1 items, to slab t
+        blocks = xp.concatenate([xp.full(t + 1, 100 * s + t, dtype=xp.complex64) for t in range(G)])
+        got = par.alltoallv_half(blocks, [t + 1 for t in range(G)], [s + 1] * G, half)
+        expected = np.concatenate([np.full(s + 1, 100 * t + s) for t in range(G)])
+        assert np.array_equal(xp.asnumpy(got) if xp is not np else got, expected)
+        # all-gather and gather of rows in slab order
+        mine = xp.full(s + 1, s, dtype=xp.float64)
+        expected = np.concatenate([np.full(t + 1, t) for t in range(G)])
+        got = par.allgatherv_half(mine, counts, half)
+        assert np.array_equal(xp.asnumpy(got) if xp is not np else got, expected)
+        got = par.gatherv_half(mine, counts, half)
+        if s == 0:
+            assert np.array_equal(xp.asnumpy(got) if xp is not np else got, expected)
+        else:
+            assert got is None
+        peak = par.allreduce_half(np.array([float(par.rank)]), half, op="max")
+        assert peak[0] == max(order)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_partners_hold_the_same_slab_of_the_other_half():
+    par = Parallel()
+    layout = par.slab_layout()
+    for half in par.halves_here:
+        partner = par.slab_partner(half)
+        got = par.partner_sendrecv(np.array([par.rank, layout[half]], np.int64), half)
+        assert got[0] == partner and got[1] == layout[half]
+    # point to point and the world reductions
+    if par.rank == 1:
+        par.send_array(np.arange(4.0), 0)
+    elif par.rank == 0:
+        assert par.recv_array((4,), np.float64, 1).tolist() == [0, 1, 2, 3]
+    total = par.reduce_sum(np.array([par.rank + 1.0]))
+    if par.is_root:
+        assert total[0] == par.size * (par.size + 1) / 2
+    else:
+        assert total is None
+    pending = par.iallreduce(np.array([1.0, par.rank]))
+    par.progress()
+    assert pending.wait().tolist() == [par.size, par.size * (par.size - 1) / 2]
+    timings = par.gather_timings()
+    if par.is_root:
+        for t in timings:
+            calls = t["collectives"]
+            if t["rank"] < 2:   # the shared rank of an odd layout is its own partner
+                assert calls["partner_sendrecv"]["calls"] >= 1
+            assert calls["iallreduce"]["bytes"] > 0

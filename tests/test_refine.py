@@ -52,6 +52,41 @@ def test_convergence_runs_the_extra_final_passes():
     assert rule.update(9.3, True)
 
 
+def test_minibatches_give_way_to_full_passes_once_they_stop_improving():
+    rule = Convergence(extra_passes=1)
+    assert not rule.update(14.0, full_pass=False) and not rule.full_passes
+    assert not rule.update(12.0, full_pass=False) and not rule.full_passes   # improving
+    assert not rule.update(12.1, full_pass=False) and rule.full_passes       # not: switch
+    assert not rule.update(9.0, full_pass=True) and not rule.converged
+    assert not rule.update(9.0, full_pass=True) and rule.converged
+    assert rule.update(8.9, full_pass=True)                                   # the extra pass
+    from dataclasses import asdict
+
+    assert Convergence(**asdict(rule)) == rule                               # checkpoint form
+
+
+def test_a_stack_much_larger_than_its_minibatches_converges_on_its_own(refine_dataset, tmp_path):
+    """Auto minibatches of at most 1/5 of the stack (a low --batchsize-snrfactor) that
+    at no resolution reach the stack size: the run switches to full passes, converges
+    before --max-iterations, aligns every particle in its last pass, and ends within 2 %
+    of a run that aligns every particle in every iteration."""
+    runs = {}
+    for name, extra in (("auto", ("--batchsize-snrfactor", "1")),
+                        ("full", ("--disable-auto-batchsize",))):
+        out = str(tmp_path / name)
+        args = refine_args(refine_dataset, out, "--cpu", *extra)
+        args[args.index("--max-iterations") + 1] = "25"
+        res = run_cli(args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.load(open(os.path.join(out, "summary.json")))
+    auto, n = runs["auto"], runs["auto"]["n_particles"]
+    assert auto["iterations"][0]["batch_size"] <= n / 5
+    assert auto["converged"] and len(auto["iterations"]) < 25
+    assert auto["iterations"][-1]["full_pass"] and auto["n_particles_last_pass"] == n
+    assert auto["n_particles_aligned"] == n
+    assert auto["final_resolution_A"] == pytest.approx(runs["full"]["final_resolution_A"], rel=0.02)
+
+
 def run_cli(args, **kw):
     return subprocess.run([sys.executable, "-m", "mpirefine", *args], capture_output=True,
                           text=True, timeout=600, **kw)
@@ -92,6 +127,9 @@ def test_bad_parameters_are_refused(refine_dataset, tmp_path):
     res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--window-inner", "0.9",
                               "--window-outer", "0.5"))
     assert res.returncode == 2 and "window" in res.stderr
+    # the curvature sign alone would do nothing: refused, not ignored
+    res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--ewald-curvature", "positive"))
+    assert res.returncode == 2 and "applies only with --ewald-correction" in res.stderr
 
 
 @pytest.fixture(scope="module")

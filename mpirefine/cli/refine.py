@@ -14,13 +14,14 @@ B = argparse.BooleanOptionalAction
 
 
 def add_args(parser):
-    from mpirefine.cli.common import add_device_args
+    from mpirefine.cli.common import add_device_args, add_grid_args
 
     p = parser
     p.add_argument("particles", nargs="?",
                    help="particles with CTF parameters: RELION .star or CryoSPARC .cs")
     p.add_argument("volume", nargs="?",
-                   help="initial volume (.mrc), same box and pixel size as the particles")
+                   help="initial volume (.mrc) on the reference grid: the first optics "
+                        "group's box and pixel size, or --box and --pixel-size")
     p.add_argument("--out", metavar="DIR", help="output folder (required for a new job)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR", default=None,
                    help="resume the job whose --out was DIR from its last complete iteration "
@@ -31,6 +32,7 @@ def add_args(parser):
                    "the dynamic mask; the FSC never uses it")
     p.add_argument("--project-dir", default=None,
                    help="folder that relative stack paths are resolved against")
+    add_grid_args(p)
     g = p.add_argument_group("window dataset (real space)")
     g.add_argument("--window", action=B, default=True, help="soft circular window on the images [on]")
     g.add_argument("--window-inner", type=float, default=0.85, metavar="F",
@@ -100,8 +102,8 @@ def add_args(parser):
                    help="per-group higher-order CTF refinement (not supported yet) [off]")
     g.add_argument("--ewald-correction", action=B, default=False,
                    help="Ewald sphere correction (not supported yet) [off]")
-    g.add_argument("--ewald-curvature", default="negative", choices=["negative", "positive"],
-                   help="Ewald sphere curvature sign [negative]")
+    g.add_argument("--ewald-curvature", default=None, choices=["negative", "positive"],
+                   help="Ewald sphere curvature sign, with --ewald-correction only [negative]")
     g = p.add_argument_group("computation (no effect on results)")
     g.add_argument("--image-batch-size", type=int, default=256, metavar="N",
                    help="images processed at once per rank (GPU batch size of images) [256]")
@@ -142,8 +144,9 @@ def main(args) -> int:
     import os
     from dataclasses import replace
 
+    from mpirefine.cli.common import quiet_input_warnings
     from mpirefine.io.outputs import prepare_out_dir
-    from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.parallel import EXIT_PREEMPTED, Parallel, get_logger
     from mpirefine.refinement import refine
 
     resume = args.continue_dir is not None
@@ -151,6 +154,7 @@ def main(args) -> int:
     cfg.check_supported()
     par = Parallel()
     log = get_logger(rank=par.rank)
+    quiet_input_warnings(par.rank)
     if par.is_root and not resume:
         prepare_out_dir(cfg.out_dir, cfg.overwrite)
     par.barrier()
@@ -158,6 +162,8 @@ def main(args) -> int:
     try:
         refine.run(cfg, par, log, resume=resume)
     except refine.Preempted as stop:
+        # 75 (EX_TEMPFAIL, "try again later"): stopped cleanly, --continue resumes. Not
+        # 143, which says a rank was killed or aborted by SIGTERM without that promise.
         log.warning(str(stop))
-        return 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
+        return EXIT_PREEMPTED
     return 0

@@ -205,6 +205,36 @@ def fsc_suite(map_a, map_b, pixel_size_A: float, resolution_A_hint: float | None
                     auto_mask_name=auto_name, trials=trials)
 
 
+@dataclass
+class IterationFSC:
+    """The FSC that steers one iteration (per shell 0 .. n // 2).
+
+    unmasked: the half maps as they are; masked: under the iteration's mask;
+    corrected: the masked curve corrected by phase randomisation beyond
+    ``randomize_shell`` (the GSFSC of the iteration)."""
+
+    unmasked: np.ndarray
+    masked: np.ndarray
+    corrected: np.ndarray
+    randomize_shell: int
+
+
+def iteration_fsc(map_a, map_b, mask, seed: int, draws: int = 1,
+                  randomize_at_fsc: float = RANDOMIZE_AT_FSC) -> IterationFSC:
+    """The per-iteration GSFSC of half maps ``map_a``, ``map_b`` under ``mask`` (all
+    (n, n, n)), corrected for the mask by phase randomisation; ``seed`` seeds the
+    randomisation (the refinement passes one made of --seed and the iteration)."""
+    a = np.asarray(to_numpy(map_a), np.float64)
+    b = np.asarray(to_numpy(map_b), np.float64)
+    unmasked = fsc_curve(a, b)
+    shell = randomization_shell(unmasked, randomize_at_fsc)
+    rng = np.random.default_rng([seed, 144])
+    ra = [randomize_phases_beyond(a, shell, rng) for _ in range(draws)]
+    rb = [randomize_phases_beyond(b, shell, rng) for _ in range(draws)]
+    masked, _, corrected = masked_corrected(a, b, ra, rb, np.asarray(to_numpy(mask)), shell)
+    return IterationFSC(unmasked, masked, corrected, shell)
+
+
 def _fallback(a, b, ra, rb, masks, shell, max_randomized_fsc):
     _, fsc_n, fsc_true = masked_corrected(a, b, ra, rb, masks["loose"], shell)
     if mask_induced_correlation(fsc_n, shell, crossing_shell(fsc_true)) <= max_randomized_fsc:

@@ -16,13 +16,15 @@ pair (world ranks 0 and 1, or rank 0 alone) does the per-iteration map work.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
-import signal
+import threading
 import time
 
 import numpy as np
 
-from mpirefine.backend import backend_name
+from mpirefine.backend import backend_name, to_numpy
 from mpirefine.config import RefineConfig
 from mpirefine.errors import InputError
 from mpirefine.fourier import compiled
@@ -30,15 +32,27 @@ from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
-from mpirefine.io import ImageSource, read_particles, read_volume
+from mpirefine.io import read_particles, read_volume
 from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
 from mpirefine.postprocess.fsc import crossing_shell, resolution_A
 from mpirefine.postprocess.masks import dynamic_mask
 from mpirefine.refinement import restart
 from mpirefine.refinement.batching import auto_minibatch_size, choose_minibatch, random_split
-from mpirefine.refinement.halfmaps import PAD, insert_particles, rank_share, reconstruct_half_maps
-from mpirefine.refinement.images import ImagePrep, ctf_grid, prepare_images
+from mpirefine.refinement.halfmaps import (
+    PAD,
+    HalfMapReduction,
+    SlabHalfMaps,
+    gather_rows,
+    gather_to_rank0,
+    insert_particles,
+    rank_share,
+    reconstruct_root_pair,
+    reconstruct_slabs,
+    slab_masks,
+    slab_references,
+)
+from mpirefine.refinement.images import ImagePrep, ctf_grid, open_images, prepare_images
 from mpirefine.refinement.references import next_references
 from mpirefine.refinement.state import Convergence, Job, ParticleState
 from mpirefine.search.plan import lattice_offsets, plan_search, run_search, search_reference
@@ -49,7 +63,8 @@ def open_inputs(cfg: RefineConfig, par):
     """Device, particles, initial volume, static mask and image preparation, checked
     against each other.  Returns (xp, particles, volume, static_mask, prep)."""
     xp = par.select_device(cfg.device)
-    ps = read_particles(cfg.particles, project_dir=cfg.project_dir)
+    ps = read_particles(cfg.particles, project_dir=cfg.project_dir, box=cfg.box_px,
+                        pixel_size_A=cfg.pixel_size_A)
     volume, vol_px = read_volume(cfg.volume)
     n, px = ps.box, ps.pixel_size_A
     if volume.shape[0] != n:
@@ -140,9 +155,9 @@ def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
     n = ps.box
     sums = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
-    with ImageSource(ps) as source:
-        for _, images in source.batches(mine, job.cfg.image_batch_size):
-            s, c = shell_power_sums(prepare_images(images, job.prep, xp), n)
+    with open_images(ps) as source:
+        for idx, images in source.batches(mine, job.cfg.image_batch_size):
+            s, c = shell_power_sums(prepare_images(images, job.prep, xp, ps.image_grid(idx)), n)
             sums += s
             counts += c
     sums = par.allreduce_obj(sums)
@@ -162,10 +177,10 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
     for _ in range(2):
         vft = volume_ft(job.references[0] * factor, pad=PAD)
         scales = []
-        with ImageSource(ps) as source:
+        with open_images(ps) as source:
             for idx, images in source.batches(mine, job.cfg.image_batch_size):
-                f = prepare_images(images, job.prep, xp)
-                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
+                f = prepare_images(images, job.prep, xp, ps.image_grid(idx))
+                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp, ps.image_grid(idx))
                 res = run_search(vft, f, c, job.noise, np.ones(len(idx)), plan)
                 scales.append(np.asarray(res.optimal_scale))
         scales = np.concatenate(scales) if scales else np.zeros(0)
@@ -193,10 +208,14 @@ def minibatch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.nd
     return choose_minibatch(n_total, size, job.cfg.seed, iteration)
 
 
-def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int,
-                          timer) -> tuple[dict, np.ndarray, np.ndarray]:
+def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer,
+                          on_accumulator=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Search every particle of this rank's share of the minibatch against its half's
-    reference and insert it; returns (accumulators, noise power sums, counts)."""
+    reference and insert it; returns (accumulators, noise power sums, counts).
+
+    on_accumulator(half, acc): called as soon as a half's accumulator is complete (the
+    hook that starts its reduction, :class:`HalfMapReduction`; it may wait there for the
+    other ranks once every half is done)."""
     par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
     n = ps.box
     plan = plan_search(job.alignment_resolution_A(), job.prep, cfg,
@@ -206,7 +225,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int,
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
-    with ImageSource(ps) as source:
+    with open_images(ps) as source:
         for half, mine in rank_share(par, job.split, minibatch):
             acc = Accumulator.zeros(n, PAD, xp)
             ref = job.references[half]
@@ -217,9 +236,16 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int,
             vft = volume_ft(ref, pad=PAD)
             lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
             shared = search_reference(vft, plan, lattice, job.symmetry, cfg.symmetry_relaxation)
-            for idx, images in source.batches(mine, cfg.image_batch_size):
-                f = prepare_images(images, job.prep, xp)
-                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp)
+            batches = source.batches(mine, cfg.image_batch_size)
+            while True:
+                with timer("reading"):  # waiting for images, which are read one batch ahead
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                idx, images = batch
+                with timer("preparation"):
+                    f = prepare_images(images, job.prep, xp, ps.image_grid(idx))
+                    c = ctf_grid(ps.ctf.subset(idx), job.prep, xp, ps.image_grid(idx))
                 with timer("search"):
                     res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
                                      job.symmetry, cfg.symmetry_relaxation, shared)
@@ -237,6 +263,8 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int,
                     counts += k
                 results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood))
             accs[half] = acc
+            if on_accumulator is not None:
+                on_accumulator(half, acc)
     collect_particle_results(job, results)
     return accs, power, counts
 
@@ -256,9 +284,17 @@ def collect_particle_results(job: Job, results: list) -> None:
 
 
 def update_references(job: Job, halves) -> None:
-    """On the root pair (``halves``: a HalfMaps there, None elsewhere): new resolution,
-    masks and next references from the regularised half maps; then broadcast.  The
-    unregularised pair is kept as the job's half maps (outputs, final FSC suite)."""
+    """New resolution, masks and next references from this iteration's half maps;
+    collective. The unregularised pair is kept as the job's half maps (outputs, final
+    FSC suite) on world rank 0, with everything else the checkpoint holds.
+
+    ``halves``: with one rank per half, a :class:`HalfMaps` (the root pair does the map
+    work, then broadcasts within its group); with more, this rank's
+    :class:`SlabHalfMaps` (every rank makes its rows of the references and masks, and
+    the whole maps are gathered for rank 0 only)."""
+    if isinstance(halves, SlabHalfMaps):
+        _update_from_slabs(job, halves)
+        return
     par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
     info = None
     if halves is not None:
@@ -268,11 +304,12 @@ def update_references(job: Job, halves) -> None:
         # half's from rank 1 for the checkpoint
         own = [h for h in (0, 1) if par.is_half_root(h)]
         masks = {}
-        if cfg.dynamic_mask and cfg.mask is None and res <= cfg.dynamic_mask_start_resolution_A:
-            masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
-                                     cfg.dynamic_mask_near, cfg.dynamic_mask_far,
-                                     cfg.dynamic_mask_absolute) for h in own}
-        refs = next_references(maps, fsc, cfg.gsfsc_split_resolution_A, px, own)
+        with par.timer("reconstruction"):
+            if _use_dynamic_mask(cfg, res):
+                masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
+                                         cfg.dynamic_mask_near, cfg.dynamic_mask_far,
+                                         cfg.dynamic_mask_absolute) for h in own}
+            refs = next_references(maps, fsc, cfg.gsfsc_split_resolution_A, px, own)
         if len(own) == 1:
             other = 1 - own[0]
             refs[other] = par.exchange_roots(refs[own[0]])
@@ -285,44 +322,157 @@ def update_references(job: Job, halves) -> None:
     job.share_half_volumes(job.next_references or {}, job.masks, has_masks)
 
 
+def _use_dynamic_mask(cfg: RefineConfig, resolution: float) -> bool:
+    return (cfg.dynamic_mask and cfg.mask is None
+            and resolution <= cfg.dynamic_mask_start_resolution_A)
+
+
+def _update_from_slabs(job: Job, maps: SlabHalfMaps) -> None:
+    """update_references for a distributed reconstruction: every rank ends with its
+    halves' whole next references (and masks); the half roots gather the half maps,
+    and half B's root sends rank 0 its maps, reference and mask for the checkpoint."""
+    par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
+    res = resolution_A(maps.fsc, n, px)   # the same curve on every rank: the same answer
+    refs = slab_references(par, maps, cfg.gsfsc_split_resolution_A, px)
+    masks = {}
+    if _use_dynamic_mask(cfg, res):
+        masks = slab_masks(par, maps, res, px, cfg.dynamic_mask_threshold, cfg.dynamic_mask_near,
+                           cfg.dynamic_mask_far, cfg.dynamic_mask_absolute)
+    for h in par.halves_here:
+        job.references[h] = job.xp.asarray(refs[h])
+    whole = {h: (gather_rows(par, h, maps.layout, maps.unregularised[h]),
+                 gather_rows(par, h, maps.layout, maps.regularised[h])) for h in par.halves_here}
+    mine = {h: whole[h] + (to_numpy(refs[h]),) + ((masks[h],) if masks else ())
+            for h in par.halves_here if par.is_half_root(h)}
+    pair = gather_to_rank0(par, mine)
+    job.masks = dict(masks)
+    job.fsc, job.resolution_A = maps.fsc, res
+    if pair is not None:
+        job.half_maps = {h: v[0] for h, v in pair.items()}
+        job.regularised_maps = {h: v[1] for h, v in pair.items()}
+        job.next_references = {h: v[2] for h, v in pair.items()}
+        if masks:
+            job.masks.update({h: v[3] for h, v in pair.items()})
+
+
+def during_reconstruction(job: Job, iteration: int) -> None:
+    """Hook: every rank calls it once its accumulators are on their way (the
+    reductions started) and before it waits for them and reconstructs; work placed
+    here overlaps the reconstruction, e.g. reading ahead the images of iteration
+    ``iteration + 1`` (which particles those are is known only after the resolution:
+    minibatch_for_iteration). Does nothing yet."""
+
+
 def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> None:
     """Iterations ``first_iteration`` .. until ``rule`` says stop; a checkpoint after each.
 
+    Each half's sums start moving as soon as a rank has inserted its share
+    (:class:`HalfMapReduction`), the noise sums travel while the maps are made, and
+    rank 0 writes the checkpoint on a thread from a copy of the state, so no rank
+    waits for the file (the next write, and the end, wait for the previous one).
     SIGTERM (what SLURM sends before killing a job at its time limit) lets the
     current iteration finish and its checkpoint be written, then ends the job with
     :class:`Preempted`; ``--continue`` goes on from there."""
     cfg, par, log = job.cfg, job.par, job.log
     start = time.time()
-    for iteration in range(first_iteration, cfg.max_iterations + 1):
-        t0 = time.time()
-        minibatch = minibatch_for_iteration(job, iteration, force_full=rule.converged)
-        full = len(minibatch) == len(job.particles)
-        accs, power, counts = align_and_backproject(job, minibatch, iteration, timer)
-        par.barrier()  # waiting for slower ranks counts as idle, not as communication
-        job.noise = model_from_sums(par.allreduce_obj(power), par.allreduce_obj(counts),
-                                    constant=False)
-        with timer("reconstruction"):
-            update_references(job, reconstruct_half_maps(
-                par, accs, job.prep.box, job.symmetry if job.enforce_symmetry else None))
-        res = job.resolution_A
-        seconds = time.time() - t0
-        job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
-                            "full_pass": full, "resolution_A": res, "seconds": seconds,
-                            "alignment_resolution_A": job.alignment_resolution_A()})
-        stop = rule.update(res, full)
-        eta = _eta_text(job.history, rule.remaining if rule.converged else None)
-        log.info(f"iteration {iteration:3d}  batch {len(minibatch):7d}{' (all)' if full else '      '}  "
-                 f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
-        with timer("checkpoint"):
+    writer = CheckpointWriter(timer)
+    try:
+        for iteration in range(first_iteration, cfg.max_iterations + 1):
+            t0 = time.time()
+            minibatch = minibatch_for_iteration(job, iteration, force_full=rule.full_passes)
+            full = len(minibatch) == len(job.particles)
+            reduction = HalfMapReduction(par, job.prep.box,
+                                         job.symmetry if job.enforce_symmetry else None)
+            accs, power, counts = align_and_backproject(job, minibatch, iteration, timer,
+                                                        on_accumulator=reduction.begin)
+            noise_sums = par.iallreduce(np.concatenate([power, counts]))
+            during_reconstruction(job, iteration)
+            sums = reduction.finish(accs)
+            del accs
+            if reduction.distributed:
+                update_references(job, reconstruct_slabs(par, sums))
+            else:
+                update_references(job, reconstruct_root_pair(
+                    par, sums, job.prep.box, job.symmetry if job.enforce_symmetry else None))
+            del sums
+            noise_sums = noise_sums.wait()
+            job.noise = model_from_sums(noise_sums[:len(power)], noise_sums[len(power):],
+                                        constant=False)
+            res = job.resolution_A
+            seconds = time.time() - t0
+            job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
+                                "full_pass": full, "resolution_A": res, "seconds": seconds,
+                                "alignment_resolution_A": job.alignment_resolution_A()})
+            stop = rule.update(res, full)
+            eta = _eta_text(job.history, rule.remaining if rule.converged else None)
+            log.info(f"iteration {iteration:3d}  batch {len(minibatch):7d}{' (all)' if full else '      '}  "
+                     f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
             if par.is_root:
-                restart.save(job, iteration, rule)
-        if par.allreduce_obj(int(_TERMINATION.requested), op="max"):
-            raise Preempted(f"stopped by SIGTERM after iteration {iteration}; the checkpoint "
-                            f"is complete: continue with  mpirefine refine --continue {cfg.out_dir}")
-        if stop:
-            break
-    else:
-        log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")
+                writer.save(job, iteration, rule)
+            par.barrier()  # the half roots' own work (gathering maps): idle for the others
+            if par.allreduce_obj(int(_TERMINATION.requested), op="max"):
+                writer.join()
+                raise Preempted(f"stopped by SIGTERM after iteration {iteration}; the checkpoint "
+                                f"is complete: continue with  mpirefine refine --continue {cfg.out_dir}")
+            if stop:
+                break
+        else:
+            log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")
+    finally:
+        writer.join()
+
+
+class CheckpointWriter:
+    """Writes checkpoint.h5 (world rank 0) on a thread, from copies of the arrays taken
+    when :meth:`save` is called, so the loop goes on while the file is written. A save
+    first waits for the previous one; :meth:`join` waits for the last and re-raises its
+    error. Seconds spent copying and waiting count as "checkpoint"; the thread's
+    writing time is the counter "checkpoint_write_seconds" (off the critical path)."""
+
+    def __init__(self, timer):
+        self.timer = timer
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.write_seconds = 0.0
+
+    def save(self, job: Job, iteration: int, rule: Convergence) -> None:
+        with self.timer("checkpoint"):
+            self.join()
+            snapshot, rule = _snapshot(job), copy.deepcopy(rule)
+        self.thread = threading.Thread(target=self._write, args=(snapshot, iteration, rule),
+                                       name="mpirefine-checkpoint")
+        self.thread.start()
+
+    def _write(self, snapshot, iteration: int, rule: Convergence) -> None:
+        t0 = time.perf_counter()
+        try:
+            restart.save(snapshot, iteration, rule)
+        except BaseException as exc:   # handed to the main thread by join()
+            self.error = exc
+        self.write_seconds = time.perf_counter() - t0
+
+    def join(self) -> None:
+        if self.thread is not None:
+            with self.timer("checkpoint"):
+                self.thread.join()
+            self.thread = None
+            self.timer.count("checkpoint_write_seconds", self.write_seconds)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _snapshot(job: Job) -> Job:
+    """A copy of ``job`` whose checkpointed fields no later iteration can change."""
+    def arrays(d):
+        return None if d is None else {k: np.array(v, copy=True) for k, v in d.items()}
+
+    return dataclasses.replace(
+        job, history=[dict(h) for h in job.history], half_maps=arrays(job.half_maps),
+        regularised_maps=arrays(job.regularised_maps), next_references=arrays(job.next_references),
+        masks=arrays(job.masks), fsc=None if job.fsc is None else np.array(job.fsc, copy=True),
+        noise=copy.deepcopy(job.noise), split=np.array(job.split, copy=True),
+        state=ParticleState(**{k: np.array(v, copy=True) for k, v in job.state.as_dict().items()}))
 
 
 class Preempted(Exception):
@@ -330,18 +480,22 @@ class Preempted(Exception):
 
 
 class _Termination:
-    """Remembers a SIGTERM until the end of the iteration in progress."""
-
-    requested = False
+    """Remembers a SIGTERM until the end of the iteration in progress, where the job
+    stops with :class:`Preempted` after its checkpoint. A second SIGTERM, or
+    MPIREFINE_TERM_GRACE_S seconds (default 300) after the first, aborts every rank
+    instead (status 143), also while this rank waits in a collective (see
+    :func:`mpirefine.parallel.defer_sigterm`)."""
 
     def install(self) -> None:
-        try:
-            signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. under a test runner's thread)
-            pass
+        from mpirefine.parallel import defer_sigterm
 
-    def _handler(self, _signum, _frame) -> None:
-        self.requested = True
+        defer_sigterm()
+
+    @property
+    def requested(self) -> bool:
+        from mpirefine.parallel import sigterm_requested
+
+        return sigterm_requested()
 
 
 _TERMINATION = _Termination()
@@ -356,7 +510,7 @@ def _eta_text(history: list, remaining: int | None) -> str:
 
 # ----------------------------------------------------------------------------- finish
 
-def finish(job: Job, wall_start: float, timings) -> dict | None:
+def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | None:
     """Write every output on world rank 0; returns the summary there (None elsewhere).
 
     The reported resolution is the mask-corrected GSFSC of the auto-tightened FSC mask
@@ -417,6 +571,8 @@ def finish(job: Job, wall_start: float, timings) -> dict | None:
                           "ln_power": [float(v) if np.isfinite(v) else None for v in guinier_curve]},
         "n_particles": len(job.particles),
         "n_particles_aligned": int(st.aligned.sum()),
+        "converged": bool(rule.converged),
+        "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,
         "box": n, "pixel_size_A": px,
         "n_ranks": job.par.size,
         "backend": backend_name(job.xp),
@@ -456,7 +612,7 @@ def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:
     if not finished and first <= cfg.max_iterations:
         iterate(job, timer, rule, first)
     timings = par.gather_timings()
-    summary = finish(job, wall_start, timings)
+    summary = finish(job, rule, wall_start, timings)
     if summary is not None:
         log.info(f"final GSFSC resolution {summary['final_resolution_A']:.2f} Å after "
                  f"{len(job.history)} iterations, {summary['wall_seconds']:.0f} s; "

@@ -114,13 +114,19 @@ def _bcast_volume(par, half: int, volume, n: int) -> np.ndarray:
 
 @dataclass
 class Convergence:
-    """The stopping rule: converged after the first full pass whose GSFSC resolution
-    does not improve on the best so far (by more than 0.1 %), then ``extra_passes``
-    more full passes.  Minibatch iterations never count as converged: the last
-    iterations always see every particle."""
+    """The stopping rule, as CryoSPARC runs it on stacks of any size.
+
+    Minibatch iterations run while the GSFSC resolution improves on the best so far
+    (by more than 0.1 %); the first one that does not switches the job to full passes
+    for good (so does a minibatch that already holds every particle).  Convergence is
+    judged on full passes only: the first full pass that does not improve on the best
+    resolution so far ends the refinement, after ``extra_passes`` more full passes.
+    The last iterations therefore always align every particle.
+    """
 
     extra_passes: int
-    best_A: float = math.inf
+    best_A: float = math.inf           # best resolution of any iteration
+    full_passes: bool = False          # minibatches are over
     converged: bool = False
     remaining: int = 0
 
@@ -128,9 +134,14 @@ class Convergence:
         """Record an iteration; True when the refinement should stop."""
         improved = resolution_A < self.best_A * (1 - 1e-3)
         self.best_A = min(self.best_A, resolution_A)
+        if not full_pass:
+            if not improved:
+                self.full_passes = True
+            return False
+        self.full_passes = True
         if self.converged:
             self.remaining -= 1
-        elif full_pass and not improved:
+        elif not improved:
             self.converged = True
             self.remaining = self.extra_passes
         return self.converged and self.remaining <= 0
