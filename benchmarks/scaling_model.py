@@ -21,10 +21,13 @@ per-particle search + insertion time measured by bench_refine.py, and the assump
 given as options (each with its source in --help and in the JSON):
 
     T(R) = N·t_particle/R + T_pack + T_reduce_scatter(R) + T_slabs(R/2) + T_transposes(R)
-           + T_root + T_sync
+           + T_root + T_checkpoint_copy
 
-    python benchmarks/scaling_model.py model --phases phases.json phases360.json \\
-        --bench benchmarks/results/bench_refine_cpu2.json --box 256 360 --out model.json
+    python benchmarks/scaling_model.py model \\
+        --phases benchmarks/results/reconstruction_phases_cpu1.json \\
+        --bench benchmarks/results/bench_refine_cpu2_ranks124_box64.json \\
+                benchmarks/results/bench_refine_cpu2_ranks124_box128.json \\
+        --box 256 360 --out benchmarks/results/scaling_model_gpu.json
 """
 
 from __future__ import annotations
@@ -236,7 +239,7 @@ def measure_slabs(n: int, volume, px: float, resolution_A: float, parts_list) ->
               f"({out['by_parts'][str(G)]['sum_over_ranks_s']:.2f} s over all)", flush=True)
     # the root pair's own work: whole maps from the gathered rows (two per half root,
     # four more arrive whole at rank 0 from half B's root)
-    flat = np.zeros(n ** 3, np.float32)
+    flat = np.random.default_rng(0).random(n ** 3, np.float32)   # real pages, not the zero page
     t0 = CLOCK()
     for _ in range(2):
         halfmaps._as_volume(flat, n)
