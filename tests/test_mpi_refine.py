@@ -14,9 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from refine_data import BOX, refine_args
+from refine_data import BOX, assert_same_refinement, refine_args
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (install the mpich wheel)")
@@ -39,32 +38,6 @@ def runs(refine_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("mpi_runs")
     return {r: (str(base / f"r{r}"), run_refine(r, refine_dataset, str(base / f"r{r}")))
             for r in RANKS}
-
-
-def _maps(out):
-    from mpirefine.io import read_volume
-
-    return [read_volume(os.path.join(out, f"map_half_{h}.mrc"))[0] for h in "AB"]
-
-
-def assert_same_refinement(out1, out2):
-    """Half maps with FSC >= 0.999 at every shell, >= 99 % of the poses identical."""
-    from mpirefine.io import read_particles
-    from mpirefine.postprocess.fsc import fsc_curve
-    from mpirefine.synthetic.evaluate import pose_errors_deg
-
-    for m1, m2 in zip(_maps(out1), _maps(out2)):
-        curve = fsc_curve(m1, m2)
-        assert np.all(curve[1:] >= 0.999), curve
-    p1 = read_particles(os.path.join(out1, "particles.star"))
-    p2 = read_particles(os.path.join(out2, "particles.star"))
-    same = (pose_errors_deg(p1.rotations, p2.rotations) < 0.01) & \
-        (np.abs(p1.shifts_A - p2.shifts_A).max(axis=1) < 1e-3)
-    assert same.mean() >= 0.99, same.mean()
-    np.testing.assert_array_equal(p1.split, p2.split)
-    s1 = json.load(open(os.path.join(out1, "summary.json")))
-    s2 = json.load(open(os.path.join(out2, "summary.json")))
-    assert s1["final_resolution_A"] == pytest.approx(s2["final_resolution_A"], rel=0.02)
 
 
 @pytest.mark.parametrize("ranks", RANKS[1:])
