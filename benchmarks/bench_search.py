@@ -9,6 +9,11 @@ and as a fraction of the machine rate, seconds per 1,000 particles, the time spl
 threads.
 
     python benchmarks/bench_search.py --particles 1000 --threads 1 --out bench_search.json
+
+``--backend gpu`` runs on CuPy.  Without a GPU, MPIREFINE_CUPY_STANDIN=1 runs it on the
+CuPy stand-in of tests/gpu_standin (NumPy underneath; never in place of an installed
+CuPy) and adds ``standin_counts``: kernel launches, host/device copies and
+synchronising reads per particle and search, and the lines that launch the most.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def main(argv=None):
     from mpirefine.geometry.rotations import angular_distance_deg
     from mpirefine.search.poses import SearchParams, search_poses
 
+    standin = _cupy_standin() if args.backend == "gpu" else None
     xp = choose_backend(args.backend)
     sync = _synchronizer(xp)
     vft, images, ctf, noise_var, rotations, shifts = _simulate(args, xp)
@@ -87,6 +93,7 @@ def main(argv=None):
     sync()
     warmup = time.perf_counter() - t0
     times, result = [], None
+    counted = standin.counts() if standin else None
     for _ in range(args.repeats):
         sync()
         t0 = time.perf_counter()
@@ -132,12 +139,57 @@ def main(argv=None):
         "python": sys.version.split()[0],
         "numpy": np.__version__,
     }
+    if backend_name(xp) == "cupy":
+        pool = xp.get_default_memory_pool()   # a pool keeps what it was given: its peak
+        report["device_pool_total_bytes"] = int(pool.total_bytes())
+        report["cupy"] = xp.__version__
+    if standin:
+        report["standin_counts"] = _per_particle(counted, standin.counts(),
+                                                 args.repeats * args.particles)
     text = json.dumps(report, indent=2, default=float)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return report
+
+
+def _cupy_standin():
+    """The counters of the CuPy stand-in (tests/gpu_standin) when MPIREFINE_CUPY_STANDIN=1
+    and no real CuPy is installed; None otherwise (a real CuPy is always used)."""
+    import importlib.util
+
+    if os.environ.get("MPIREFINE_CUPY_STANDIN", "0") != "1":
+        return None
+    standin = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "tests", "gpu_standin")
+    spec = importlib.util.find_spec("cupy")
+    if spec is not None and not os.path.abspath(spec.origin or "").startswith(standin + os.sep):
+        print(f"MPIREFINE_CUPY_STANDIN=1 ignored: a real CuPy is installed ({spec.origin})",
+              file=sys.stderr)
+        return None
+    if spec is None:
+        sys.path.insert(0, standin)
+    import cupy
+
+    return cupy._standin
+
+
+def _per_particle(before: dict, after: dict, particles: int) -> dict:
+    """Stand-in counters between two snapshots, per particle and search, with the
+    calling lines that launch the most."""
+    def diff(key):
+        old = before[key]
+        return {k: v - old.get(k, 0) for k, v in after[key].items() if v != old.get(k, 0)}
+
+    out = {f"{key}_per_particle": (after[key] - before[key]) / particles
+           for key in ("launches", "h2d", "d2h", "copies", "syncs", "h2d_bytes", "d2h_bytes")}
+    out["particles_counted"] = particles
+    out["peak_device_bytes"] = after["peak_bytes"]
+    for key in ("by_site", "by_op", "sync_sites", "copy_sites"):
+        top = sorted(diff(key).items(), key=lambda kv: -kv[1])[:12]
+        out[f"top_{key}_per_particle"] = {k: v / particles for k, v in top}
+    return out
 
 
 def _synchronizer(xp):

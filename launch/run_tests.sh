@@ -5,7 +5,12 @@
 #   (0) the linter:                          ruff check .
 #   (a) the serial tests:                    python -m pytest -q -m 'not mpi' tests
 #   (b) the MPI tests on 2 ranks:  mpiexec -n 2 python -m pytest -q --with-mpi -m mpi tests
-# Exits non-zero if either part fails ("no tests collected" counts as a failure).
+#   (c) the GPU path on the CuPy stand-in of tests/gpu_standin (NumPy behind CuPy's
+#       rules, counting launches and copies), unless a real CuPy is installed: the
+#       backend-parametrised tests with PYTHONPATH=tests/gpu_standin (serial, and MPI on
+#       2 ranks), then tests/test_gpu_standin.py (the search and `refine --gpu` on 1 and
+#       3 ranks against the NumPy array path, bit for bit, within per-particle budgets)
+# Exits non-zero if any part fails ("no tests collected" counts as a failure).
 #
 # Environment: PYTHON (interpreter that makes the venv, default python3),
 # MPIREFINE_VENV (venv directory, default <repo>/.venv), MPIEXEC (MPI launcher,
@@ -63,7 +68,9 @@ run_tests() {
     echo "== serial tests"
     local serial_status=0
     # -rs: every skipped test is listed with its reason; the MPI tests run below
-    "$VENV_PYTHON" -m pytest -q -rs -m "not mpi" tests "$@" || serial_status=$?
+    # (tests/test_gpu_standin.py runs in the stand-in step below)
+    "$VENV_PYTHON" -m pytest -q -rs -m "not mpi" --ignore=tests/test_gpu_standin.py tests "$@" \
+        || serial_status=$?
 
     echo "== MPI tests on 2 ranks ($VENV_MPIEXEC)"
     local mpi_status=0
@@ -72,11 +79,47 @@ run_tests() {
         ${timeout_cmd[@]+"${timeout_cmd[@]}"} "$VENV_MPIEXEC" -n 2 "$VENV_PYTHON" -m pytest -q -rs -p no:cacheprovider \
         --with-mpi -m mpi tests "$@" || mpi_status=$?
 
-    echo "== lint: exit $lint_status; serial tests: exit $serial_status; MPI tests: exit $mpi_status"
-    if (( lint_status != 0 || serial_status != 0 || mpi_status != 0 )); then
+    local standin_status=0
+    run_standin_step "$@" || standin_status=$?
+
+    echo "== lint: exit $lint_status; serial tests: exit $serial_status; MPI tests: exit $mpi_status;" \
+         "stand-in step: exit $standin_status"
+    if (( lint_status != 0 || serial_status != 0 || mpi_status != 0 || standin_status != 0 )); then
         return 1
     fi
     echo "== all tests passed"
+}
+
+# (c) The GPU path without a GPU: the CuPy stand-in of tests/gpu_standin.  Never in
+# place of a real CuPy: with one installed, the step is skipped (the tests above ran
+# the cupy backend wherever a GPU works; benchmarks/gpu_check.sh is the GPU node's check).
+run_standin_step() {
+    echo "== GPU path on the CuPy stand-in (tests/gpu_standin)"
+    if "$VENV_PYTHON" -c 'import importlib.util as u, sys; s = u.find_spec("cupy")
+sys.exit(s is None or "gpu_standin" in (s.origin or ""))' 2>/dev/null; then
+        echo "== a real CuPy is installed: the stand-in step is skipped (the stand-in never replaces it)"
+        return 0
+    fi
+    local started=$SECONDS status=0 timeout_cmd=()
+    if command -v timeout >/dev/null 2>&1; then
+        timeout_cmd=(timeout "${MPIREFINE_TEST_TIMEOUT:-1800}")
+    fi
+    local standin_path="$MPIREFINE_REPO/tests/gpu_standin${PYTHONPATH:+:$PYTHONPATH}"
+    # conftest.py's gpu_available() finds the stand-in, so the xp fixture adds "cupy"
+    echo "== backend-parametrised tests on the stand-in (serial)"
+    PYTHONPATH="$standin_path" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$VENV_PYTHON" -m pytest -q -rs -p no:cacheprovider -m "not mpi" -k cupy \
+        --ignore=tests/test_gpu_standin.py tests "$@" || status=$?
+    echo "== backend-parametrised tests on the stand-in (MPI, 2 ranks)"
+    PYTHONPATH="$standin_path" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        ${timeout_cmd[@]+"${timeout_cmd[@]}"} "$VENV_MPIEXEC" -n 2 "$VENV_PYTHON" -m pytest -q -rs \
+        -p no:cacheprovider --with-mpi -m mpi -k cupy tests "$@" || status=$?
+    echo "== search and refine --gpu on the stand-in = the NumPy array path (tests/test_gpu_standin.py)"
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        ${timeout_cmd[@]+"${timeout_cmd[@]}"} "$VENV_PYTHON" -m pytest -q -rs -p no:cacheprovider \
+        tests/test_gpu_standin.py "$@" || status=$?
+    echo "== stand-in step: $((SECONDS - started)) s"
+    return "$status"
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

@@ -155,7 +155,7 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
         return (stacked[:, :K] + 1j * stacked[:, K:]).astype(xp.complex64)
     rotations = xp.asarray(rotations, dtype=xp.float32)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
-    blocks = rotation_blocks(rotations.shape[0], kx.shape[0])
+    blocks = rotation_blocks(rotations.shape[0], kx.shape[0], xp)
     if len(blocks) == 1:
         return _extract_block(vft, rotations, kx, ky)
     out = xp.empty((rotations.shape[0], kx.shape[0]), xp.complex64)
@@ -167,11 +167,30 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
 _SAMPLES_PER_BLOCK = 1 << 17
 
 
-def rotation_blocks(n_rotations: int, n_freq: int) -> list[slice]:
-    """Slices of rotations whose slices hold about 10⁵ samples: extraction's
-    temporaries then stay in cache, and callers that post-process projections (the
-    search) can do so block by block too."""
-    step = max(1, _SAMPLES_PER_BLOCK // max(1, n_freq))
+# On a GPU a block is sized by the device's free memory instead: each sample costs
+# about this many bytes of extraction temporaries (coordinates, corner indices and
+# weights, the complex result), and a block may take this fraction of free memory.
+_DEVICE_BYTES_PER_SAMPLE = 160
+_DEVICE_MEMORY_FRACTION = 0.05
+_DEVICE_MAX_SAMPLES = 1 << 24
+
+
+def samples_per_block(xp) -> int:
+    """Samples per extraction block: about 10⁵ on the CPU (the temporaries stay in
+    cache); on a GPU as many as a small fraction of its free memory holds (each block
+    is some 30 kernel launches, so small blocks would be launch-bound)."""
+    if xp is None or getattr(xp, "cuda", None) is None:   # NumPy
+        return _SAMPLES_PER_BLOCK
+    free, _total = xp.cuda.runtime.memGetInfo()
+    fit = int(free * _DEVICE_MEMORY_FRACTION) // _DEVICE_BYTES_PER_SAMPLE
+    return max(_SAMPLES_PER_BLOCK, min(_DEVICE_MAX_SAMPLES, fit))
+
+
+def rotation_blocks(n_rotations: int, n_freq: int, xp=None) -> list[slice]:
+    """Slices of rotations whose slices hold :func:`samples_per_block` samples:
+    extraction's temporaries then stay in cache (CPU) or fill a GPU's launches, and
+    callers that post-process projections (the search) can do so block by block too."""
+    step = max(1, samples_per_block(xp) // max(1, n_freq))
     return [slice(i, min(n_rotations, i + step)) for i in range(0, max(n_rotations, 1), step)]
 
 
@@ -219,7 +238,7 @@ def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     R, K = rotations.shape[0], kx.shape[0]
     if out is None:
         out, rows = (xp.empty((R, 2 * K), xp.float32), xp.empty((R, K), xp.float32)), None
-    for blk in rotation_blocks(R, K):
+    for blk in rotation_blocks(R, K, xp):
         where = blk if rows is None else xp.asarray(rows[blk])
         out[0][where], out[1][where] = prepare_projections(extract_slices(vft, rotations[blk], kx, ky))
     return out
