@@ -246,7 +246,8 @@ def child(spec: dict) -> None:
                    bytes_read=n * ps.box * ps.box * 4, memory=_memory())
     else:
         from mpirefine.config import RefineConfig
-        from mpirefine.parallel import Parallel, get_logger
+        from mpirefine.logs import get_logger
+        from mpirefine.parallel import Parallel
         from mpirefine.report.memory import memory_per_rank, metadata_bytes
 
         par = Parallel()

@@ -74,7 +74,8 @@ CASES = {
                                                  "adaptive": ["--adaptive-marginalization"]}},
     "symmetric": {"chains": None, "center": None, "box": 64, "pixel_size_A": 2.5,
                   "particles": 2000, "snr": 0.05, "symmetry": "O", "particle_diameter_A": 140,
-                  "seed": 22, "mpirefine_variants": {"default": []}},
+                  "seed": 22, "mpirefine_variants": {"default": [],
+                                                     "adaptive": ["--adaptive-marginalization"]}},
 }
 ORIGIN_SIGMA_A = 3.0
 WITHIN_DEG = 5.0

@@ -61,6 +61,9 @@ class RefineConfig:
     dynamic_mask_absolute: bool = False
     # CTF refinement and Ewald sphere (not built yet)
     optimize_defocus: bool = False
+    defocus_search_range_A: float = 2000.0      # ± around the current defocus
+    defocus_min_resolution_A: float = 20.0      # lowest frequency the defocus fit uses
+    defocus_start_resolution_A: float = 8.0     # fit once the GSFSC is finer than this
     optimize_ctf_global: bool = False
     ewald_correction: bool = False
     # "negative" (the default) or "positive"; with --ewald-correction only
@@ -119,6 +122,10 @@ class RefineConfig:
             raise InputError(f"--symmetry {self.symmetry}: {exc}") from exc
         if self.symmetry_relaxation not in RELAXATION_METHODS:
             raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
+        for name in ("defocus_search_range_A", "defocus_min_resolution_A",
+                     "defocus_start_resolution_A"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.ewald_curvature not in (None, "negative", "positive"):
             raise InputError("--ewald-curvature must be 'negative' or 'positive'")
         if self.ewald_curvature is not None and not self.ewald_correction:
@@ -132,8 +139,6 @@ class RefineConfig:
             problems.append("--adaptive-marginalization together with --symmetry-relaxation "
                             f"{self.symmetry_relaxation} is not supported yet (relaxation by "
                             "marginalization already weights the symmetry-related poses)")
-        if self.optimize_defocus:
-            problems.append("--optimize-defocus: per-particle defocus refinement is not supported yet")
         if self.optimize_ctf_global:
             problems.append("--optimize-ctf-global: global CTF refinement is not supported yet")
         if self.ewald_correction:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
-import math
 import os
 import select
 import signal
@@ -30,64 +28,14 @@ import time
 import traceback
 
 from mpirefine.errors import InputError
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# Ranks on this node, as each launcher advertises it: MPICH/hydra, Open MPI, SLURM.
-_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                         "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
-# Set per process by launchers (hydra/PMI, Open MPI, srun steps): read without MPI_Init.
-_WORLD_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
-
-
-def _leading_int(text: str | None) -> int | None:
-    """The integer that ``text`` starts with (SLURM writes counts like "4(x2)")."""
-    text = (text or "").strip()
-    digits = text[: len(text) - len(text.lstrip("0123456789"))]
-    return int(digits) if digits else None
-
-
-def local_ranks_from_environment(environ=None) -> int:
-    """Number of ranks the launcher started on this node (1 when not under a launcher)."""
-    env = os.environ if environ is None else environ
-    counts = (_leading_int(env.get(name)) for name in _LOCAL_SIZE_VARIABLES)
-    return next((n for n in counts if n), 1)
-
-
-def limit_threads(environ=None) -> int | None:
-    """Give each rank an equal share of this node's cores for BLAS/OpenMP threads.
-
-    Call before numpy is imported. If OMP_NUM_THREADS is set, does nothing and returns
-    None; else sets OMP/OPENBLAS/MKL_NUM_THREADS (unless set) and returns the count:
-    SLURM_CPUS_PER_TASK when given, else max(1, cpu_count // ranks on this node),
-    capped by the CPUs this process may run on (a launcher may have bound it).
-    """
-    env = os.environ if environ is None else environ
-    if env.get("OMP_NUM_THREADS"):
-        return None
-    threads = _leading_int(env.get("SLURM_CPUS_PER_TASK")) or max(
-        1, (os.cpu_count() or 1) // local_ranks_from_environment(env))
-    if hasattr(os, "sched_getaffinity"):
-        threads = max(1, min(threads, len(os.sched_getaffinity(0))))
-    for name in THREAD_VARIABLES:
-        env.setdefault(name, str(threads))
-    return threads
-
-
-def world_rank_size() -> tuple[int, int]:
-    """(rank, size) of COMM_WORLD: from MPI if initialised, else from launcher variables.
-
-    Never initialises MPI, so error handling can ask before deciding how to exit.
-    """
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
-    for rank_name, size_name in _WORLD_VARIABLES:
-        size = _leading_int(os.environ.get(size_name))
-        if size:
-            return _leading_int(os.environ.get(rank_name)) or 0, size
-    return 0, 1
-
+from mpirefine.logs import Timer
+from mpirefine.ranks import (
+    _leading_int,
+    launch_problem,
+    seconds_from_environment,
+    shard_bounds,
+    world_rank_size,
+)
 
 # Exit statuses of the ends that mpirefine chooses itself (docs/parallel.md, "Failures").
 EXIT_INPUT_ERROR = 2       # bad input or launch; one line on stderr
@@ -194,85 +142,6 @@ def run_guarded(fn, *args, command: str = "mpirefine", **kwargs) -> int:
         if watching:
             _SIGNALS.stop()
     return 0 if result is None else int(result)
-
-
-def seconds_from_environment(name: str, default: float | None, environ=None) -> float | None:
-    """A duration in seconds from environment variable ``name``: ``default`` when unset
-    or empty; None (turned off) for 0, "off" or "none"; InputError for anything else
-    that is not a positive number."""
-    env = os.environ if environ is None else environ
-    text = (env.get(name) or "").strip().lower()
-    if not text:
-        return default
-    if text in ("0", "0.0", "off", "none", "no"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise InputError(f"{name}={env.get(name)!r}: give a number of seconds, or 0 to turn it off")
-    return value
-
-
-# ---- launch check ------------------------------------------------------------------
-
-ALLOW_SINGLETON_VARIABLE = "MPIREFINE_ALLOW_SINGLETON"
-# SLURM_STEP_ID of steps that srun did not launch: the batch script, the extern and
-# interactive steps (numbers near 2**32 in slurm.h, or their names).
-_SLURM_SPECIAL_STEP = 0xFFFFFFF0
-
-
-def promised_world_size(environ=None) -> tuple[int, str] | None:
-    """(ranks, variable): the size of COMM_WORLD that the launcher's environment
-    promises this process, or None when no launcher says.
-
-    The variables of the launcher that started the process come first: PMI_SIZE
-    (MPICH's hydra, srun --mpi=pmi2, Intel MPI), OMPI_COMM_WORLD_SIZE (Open MPI);
-    then SLURM's step size, but only inside an srun step (SLURM_STEP_ID is a step
-    number), since a batch script run by sbatch without srun also has SLURM_NTASKS;
-    then the launcher's count of ranks on this node (MPI_LOCALNRANKS,
-    OMPI_COMM_WORLD_LOCAL_SIZE), a lower bound.
-    """
-    env = os.environ if environ is None else environ
-    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if (size := _leading_int(env.get(name))) is not None:
-            return size, name
-    step = (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "").strip()
-    if step.isdigit() and int(step) < _SLURM_SPECIAL_STEP:
-        for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"):
-            if (size := _leading_int(env.get(name))) is not None:
-                return size, name
-    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
-        if (size := _leading_int(env.get(name))) is not None:
-            return size, name
-    return None
-
-
-def launch_problem(mpi_size: int, environ=None, library: str = "") -> str | None:
-    """Why this launch would run the whole job once per process, in one line, or None.
-
-    That happens when the launcher promises several ranks (:func:`promised_world_size`)
-    but MPI sees a job of one: mpi4py was built against another MPI than the
-    launcher's, or srun did not give the MPI its process-management interface.
-    MPIREFINE_ALLOW_SINGLETON=1 accepts it (independent one-rank jobs on purpose).
-    """
-    env = os.environ if environ is None else environ
-    if mpi_size != 1 or env.get(ALLOW_SINGLETON_VARIABLE, "").strip().lower() in (
-            "1", "yes", "true"):
-        return None
-    promise = promised_world_size(env)
-    if promise is None or promise[0] <= 1:
-        return None
-    size, name = promise
-    mpi = f" ({' '.join(library.split())})" if library else ""
-    return (f"the launcher started this process as one of {size} ranks ({name}={env[name]}) "
-            f"but MPI{mpi} sees a job of 1 rank, so each process would run the whole job "
-            "alone. mpi4py must use the launcher's MPI: start mpirefine with the mpiexec of "
-            "the MPI that mpi4py was built with (the venv's own with the mpich wheel); under "
-            "SLURM give srun the --mpi=pmi2 or --mpi=pmix that it needs (srun --mpi=list), or "
-            "build mpi4py against the site's MPI (docs/install.md). "
-            f"{ALLOW_SINGLETON_VARIABLE}=1 accepts independent one-rank jobs")
 
 
 # ---- signals -----------------------------------------------------------------------
@@ -600,99 +469,6 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
-
-
-_LOG_HANDLER_FLAG = "_mpirefine_handler"
-
-
-class _StreamHandler(logging.StreamHandler):
-    """A StreamHandler that lets a closed output pipe (BrokenPipeError) reach
-    :func:`run_guarded`, which ends quietly, instead of printing a logging traceback
-    for every later line."""
-
-    def handleError(self, record):
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
-            raise  # the exception that emit() is handling
-        super().handleError(record)
-
-
-def get_logger(name: str = "mpirefine", rank: int | None = None, level: int | None = None):
-    """A logger that rank 0 uses for INFO to stdout and other ranks for warnings only.
-
-    Rank 0 writes plain messages; other ranks write to stderr with a ``[rank R]``
-    prefix so interleaved lines stay attributable. Calling it again reconfigures.
-    """
-    rank = world_rank_size()[0] if rank is None else rank
-    logger = logging.getLogger(name)
-    for handler in list(logger.handlers):
-        if getattr(handler, _LOG_HANDLER_FLAG, False):
-            logger.removeHandler(handler)
-    handler = _StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
-    setattr(handler, _LOG_HANDLER_FLAG, True)
-    logger.addHandler(handler)
-    if level is None:
-        level = logging.INFO if rank == 0 else logging.WARNING
-    logger.setLevel(level)
-    logger.propagate = False
-    return logger
-
-
-class Timer:
-    """Per-category wall seconds of one rank: ``with timer("search"): ...``.
-
-    Blocks may nest; each second counts once, in the innermost open category (a
-    collective inside ``with timer("reconstruction")`` counts as communication only),
-    so the categories add up to at most the rank's wall time. A refinement uses
-    search, backprojection (insertion), communication (time inside MPI calls, added by
-    :class:`Parallel`), idle (waiting at barriers for slower ranks or for the root
-    pair's own work), reconstruction (the slab work every rank does), root (work only
-    the root pair does), checkpoint, and others that the loop names.
-    ``add(category, s)`` records seconds measured elsewhere; the caller makes sure no
-    open block covers them too.
-    """
-
-    CATEGORIES = ("search", "backprojection", "communication", "idle")
-
-    def __init__(self):
-        self.seconds: dict[str, float] = dict.fromkeys(self.CATEGORIES, 0.0)
-        self.counts: dict[str, float] = {}
-        self._open: list[list] = []     # [category, since] of the open blocks, innermost last
-
-    def add(self, category: str, seconds: float) -> None:
-        self.seconds[category] = self.seconds.get(category, 0.0) + seconds
-
-    def count(self, name: str, amount: float) -> None:
-        """Add to a work counter (e.g. the search's poses scored and GEMM FLOPs)."""
-        self.counts[name] = self.counts.get(name, 0.0) + float(amount)
-
-    @contextlib.contextmanager
-    def __call__(self, category: str):
-        now = time.perf_counter()
-        if self._open:  # the enclosing block stops counting while this one runs
-            outer = self._open[-1]
-            self.add(outer[0], now - outer[1])
-        block = [category, now]
-        self._open.append(block)
-        try:
-            yield self
-        finally:
-            end = time.perf_counter()
-            self._open.pop()
-            self.add(category, end - block[1])
-            if self._open:
-                self._open[-1][1] = end
-
-
-def shard_bounds(n_items: int, index: int, count: int) -> slice:
-    """Part ``index`` of [0, n_items) cut into ``count`` contiguous parts whose sizes
-    differ by at most one (the first ``n_items % count`` parts are the larger)."""
-    if not 0 <= index < count:
-        raise ValueError(f"part {index} is not in 0..{count - 1}")
-    base, extra = divmod(int(n_items), count)
-    start = index * base + min(index, extra)
-    return slice(start, start + base + (1 if index < extra else 0))
 
 
 def _check_half(half: int) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpirefine import backend, parallel
+from mpirefine import backend, logs, parallel, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 PARTICLES = REPO / "tests/data/relion_projected/noisy.star"
@@ -187,7 +187,7 @@ def test_watchdog_verdict_lists_late_and_silent_ranks():
 
 
 def test_durations_from_the_environment():
-    read = parallel.seconds_from_environment
+    read = ranks.seconds_from_environment
     assert read("X", 300.0, {}) == 300.0 and read("X", None, {"X": ""}) is None
     assert read("X", 300.0, {"X": "2.5"}) == 2.5
     assert read("X", 300.0, {"X": "0"}) is None and read("X", 300.0, {"X": "off"}) is None
@@ -214,14 +214,14 @@ def test_durations_from_the_environment():
     ({}, None),
 ])
 def test_promised_world_size(env, promised):
-    assert parallel.promised_world_size(env) == promised
+    assert ranks.promised_world_size(env) == promised
 
 
 def test_launch_problem_only_for_singletons_of_a_larger_launch():
-    assert parallel.launch_problem(2, {"PMI_SIZE": "2"}) is None
-    assert parallel.launch_problem(1, {"PMI_SIZE": "1"}) is None
-    assert parallel.launch_problem(1, {"PMI_SIZE": "2", "MPIREFINE_ALLOW_SINGLETON": "1"}) is None
-    text = parallel.launch_problem(1, {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"},
+    assert ranks.launch_problem(2, {"PMI_SIZE": "2"}) is None
+    assert ranks.launch_problem(1, {"PMI_SIZE": "1"}) is None
+    assert ranks.launch_problem(1, {"PMI_SIZE": "2", "MPIREFINE_ALLOW_SINGLETON": "1"}) is None
+    text = ranks.launch_problem(1, {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"},
                                    library="Open MPI v4.1.6")
     assert "one of 4 ranks (SLURM_STEP_NUM_TASKS=4)" in text and "(Open MPI v4.1.6)" in text
     assert "--mpi=pmi2" in text and "MPIREFINE_ALLOW_SINGLETON=1" in text
@@ -284,7 +284,7 @@ def test_logging_to_a_closed_stdout_stops_instead_of_printing_tracebacks(monkeyp
             raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(sys, "stdout", Closed())
-    log = parallel.get_logger("mpirefine.test_closed_stdout", rank=0)
+    log = logs.get_logger("mpirefine.test_closed_stdout", rank=0)
     with pytest.raises(BrokenPipeError):
         log.info("iteration 1")
 

@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpirefine import parallel
+from mpirefine import logs, parallel, ranks
 from mpirefine.errors import InputError
-from mpirefine.parallel import Parallel, Timer, limit_threads, run_guarded, shard_bounds
+from mpirefine.logs import Timer
+from mpirefine.parallel import Parallel, run_guarded
+from mpirefine.ranks import limit_threads, shard_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +102,7 @@ def test_limit_threads_divides_cores_between_local_ranks():
     assert limit_threads(env) == 1
     env = {"OMP_NUM_THREADS": "3"}
     assert limit_threads(env) is None and env == {"OMP_NUM_THREADS": "3"}
-    assert parallel.local_ranks_from_environment({}) == 1
+    assert ranks.local_ranks_from_environment({}) == 1
 
 
 def test_timer_accumulates_per_category():
@@ -115,10 +117,10 @@ def test_timer_accumulates_per_category():
 
 
 def test_logger_rank_zero_plain_info_others_prefixed_warnings(capsys):
-    log = parallel.get_logger("mpirefine.test_rank0", rank=0)
+    log = logs.get_logger("mpirefine.test_rank0", rank=0)
     log.info("resolution 4.2 A")
     log.debug("hidden")
-    log = parallel.get_logger("mpirefine.test_rank3", rank=3)
+    log = logs.get_logger("mpirefine.test_rank3", rank=3)
     log.info("hidden too")
     log.warning("slow disk")
     out, err = capsys.readouterr()

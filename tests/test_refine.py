@@ -109,7 +109,7 @@ def test_help_lists_every_common_parameter_with_default():
 
 @pytest.mark.parametrize("flag", [["--symmetry", "C4", "--symmetry-relaxation", "maximization",
                                    "--adaptive-marginalization"],
-                                  ["--ewald-correction"], ["--optimize-defocus"],
+                                  ["--ewald-correction"],
                                   ["--optimize-ctf-global"]])
 def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, flag):
     out = tmp_path / "r"

@@ -126,12 +126,35 @@ def test_leaving_a_prefetching_loop_early_closes_cleanly(three_stacks):
     assert _no_prefetch_thread_left()
 
 
+def test_read_ahead_serves_the_next_batches_call(three_stacks, read_threads):
+    """read_ahead(block) reads on its own thread; a batches() call that starts with that
+    block gets those images (no second read); one that starts elsewhere drops it."""
+    ps, truth = three_stacks
+    order = np.random.default_rng(2).permutation(len(ps))[:30]
+    with ImageSource(ps) as source:
+        source.read_ahead(order[:8])
+        time.sleep(0.05)
+        assert {name for name, _ in read_threads} == {"mpirefine-ahead_0"}
+        batches = list(source.batches(order, 8))
+        assert source.ahead_used == 1 and source.images_read == order.size
+        for idx, images in batches:
+            np.testing.assert_array_equal(images, truth[idx])
+        source.read_ahead(order[8:16])      # not what the next call asks for first
+        batches = list(source.batches(order, 8))
+        assert source.ahead_used == 1
+        for idx, images in batches:
+            np.testing.assert_array_equal(images, truth[idx])
+    assert not source._pending and source._ahead is None
+    assert not any(t.name.startswith("mpirefine-ahead") for t in threading.enumerate())
+
+
 def test_refinement_pass_is_identical_with_and_without_prefetch(tmp_path, monkeypatch, read_threads):
     """align_and_backproject's sums, noise power and per-particle results, bit for bit."""
     from mpi4py import MPI
 
     from mpirefine.config import RefineConfig
-    from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.logs import get_logger
+    from mpirefine.parallel import Parallel
     from mpirefine.refinement import refine
     from mpirefine.synthetic.models import asymmetric_chains, model_volume
     from mpirefine.synthetic.simulate import simulate_dataset

@@ -313,7 +313,7 @@ def test_only_the_cli_imports_the_cli():
 #: only from its own layer or lower ones.  Keys are the first name under mpirefine.
 LAYERS = [
     {"errors", "backend"},
-    {"fourier", "physics", "geometry", "io"},
+    {"fourier", "physics", "geometry", "io", "ranks", "logs"},
     {"config", "parallel", "search", "postprocess", "synthetic"},
     {"report"},
     {"refinement"},

@@ -14,7 +14,7 @@ head``); under MPI any other failure aborts every rank (see
 
 # BLAS and OpenMP size their thread pools when numpy loads, so the per-rank limit must
 # be in the environment before anything below imports numpy.
-from mpirefine.parallel import limit_threads
+from mpirefine.ranks import limit_threads
 
 limit_threads()
 

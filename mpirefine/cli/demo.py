@@ -33,7 +33,8 @@ def main(args) -> int:
     from mpirefine.config import RefineConfig
     from mpirefine.io import read_particles, read_volume
     from mpirefine.io.outputs import prepare_out_dir, write_json
-    from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.logs import get_logger
+    from mpirefine.parallel import Parallel
     from mpirefine.refinement import refine
     from mpirefine.synthetic.evaluate import compare_with_truth, octahedral_group, pose_errors_deg
     from mpirefine.synthetic.models import asymmetric_chains, model_volume
@@ -67,7 +68,8 @@ def main(args) -> int:
     refined, _ = read_volume(os.path.join(refine_dir, "map.mrc"))
     half_a, _ = read_volume(os.path.join(refine_dir, "map_half_A.mrc"))
     half_b, _ = read_volume(os.path.join(refine_dir, "map_half_B.mrc"))
-    vs_truth = compare_with_truth(0.5 * (half_a + half_b), truth, px)
+    vs_truth = compare_with_truth(refined, truth, px)
+    halves_vs_truth = compare_with_truth(0.5 * (half_a + half_b), truth, px)
     true_ps = read_particles(os.path.join(data_dir, "particles_true.star"))
     out_ps = read_particles(os.path.join(refine_dir, "particles.star"))
     group = octahedral_group() if args.model == "full" else None
@@ -76,6 +78,7 @@ def main(args) -> int:
     result = {"gsfsc_resolution_A": summary["final_resolution_A"],
               "fsc_vs_truth_0.5_A": vs_truth["resolution_A_05"],
               "fsc_vs_truth_0.143_A": vs_truth["resolution_A_0143"],
+              "half_map_average_fsc_vs_truth_0.5_A": halves_vs_truth["resolution_A_05"],
               "median_angular_error_deg": float(np.median(errors)),
               "median_shift_error_A": float(np.median(shift_err)),
               "wall_seconds": time.time() - start, "n_ranks": par.size}

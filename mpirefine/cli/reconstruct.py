@@ -3,9 +3,9 @@
 No alignment: the particles' angles and origins are used as they are (like
 relion_reconstruct, but gold-standard).  Optics groups of other boxes or pixel sizes are
 resampled onto the reference grid (the first group's, or --box / --pixel-size).  Writes
-map_half_A.mrc, map_half_B.mrc, map.mrc (average of the halves, FSC-weighted and cut at
-the 0.143 resolution), map_unfil.mrc (all particles, unregularised), fsc.csv and
-summary.json.
+map_half_A.mrc, map_half_B.mrc, map.mrc (all particles, regularised with the SSNR the
+half maps' FSC implies, FSC-weighted and cut at the 0.143 resolution), map_unfil.mrc
+(all particles, unregularised), fsc.csv and summary.json.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def add_args(parser):
     add_grid_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the half-set split when the file has none [0]")
+    parser.add_argument("--symmetry", default="C1",
+                        help="point group imposed on the reconstruction (Cn, Dn, T, O, I; "
+                             "RELION's axis conventions), as relion_reconstruct --sym [C1]")
     parser.add_argument("--window", action="store_true",
                         help="window images with a soft circle (0.85–0.99 of half the box) "
                              "before insertion [off]")
@@ -34,17 +37,15 @@ def main(args) -> int:
     from mpirefine.backend import backend_name, to_numpy
     from mpirefine.cli.common import quiet_input_warnings
     from mpirefine.errors import InputError
+    from mpirefine.fourier.reconstruct import ssnr_from_fsc
+    from mpirefine.geometry.symmetry import point_group
     from mpirefine.io import read_particles, write_mrc
     from mpirefine.io.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
-    from mpirefine.parallel import Parallel, get_logger
+    from mpirefine.logs import get_logger
+    from mpirefine.parallel import Parallel
     from mpirefine.postprocess.fsc import crossing_shell, resolution_A
     from mpirefine.refinement.batching import random_split
-    from mpirefine.refinement.halfmaps import (
-        fsc_weighted_average,
-        full_unregularised_map,
-        insert_at_poses,
-        reconstruct_half_maps,
-    )
+    from mpirefine.refinement.halfmaps import fsc_filter, full_map, insert_at_poses, reconstruct_half_maps
     from mpirefine.refinement.images import ImagePrep
 
     start = time.time()
@@ -66,22 +67,24 @@ def main(args) -> int:
     groups = "" if ps.uniform else f" ({len(ps.groups())} grids resampled onto it)"
     log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px{groups}, "
              f"{par.size} rank(s), {backend_name(xp)}")
+    group = point_group(args.symmetry)
     accs = insert_at_poses(par, ps, split, prep, xp, args.image_batch_size)
-    halves = reconstruct_half_maps(par, accs, n)
-    full = full_unregularised_map(par, accs, n)
+    halves = reconstruct_half_maps(par, accs, n, group if len(group) > 1 else None)
+    unfiltered = full_map(par, accs, n)
+    fsc = par.bcast_obj(halves.fsc if par.is_root else None, root=0)
+    regularised = full_map(par, accs, n, ssnr=2.0 * ssnr_from_fsc(fsc))
     if not par.is_root:
         return 0
-    maps, fsc = halves.unregularised, halves.fsc
+    maps = halves.unregularised
     res = resolution_A(fsc, n, px)
     write_mrc(os.path.join(out, "map_half_A.mrc"), maps[0], px)
     write_mrc(os.path.join(out, "map_half_B.mrc"), maps[1], px)
-    write_mrc(os.path.join(out, "map.mrc"),
-              fsc_weighted_average(halves.regularised, fsc, crossing_shell(fsc)), px)
-    write_mrc(os.path.join(out, "map_unfil.mrc"), to_numpy(full), px)
+    write_mrc(os.path.join(out, "map.mrc"), fsc_filter(regularised, fsc, crossing_shell(fsc)), px)
+    write_mrc(os.path.join(out, "map_unfil.mrc"), to_numpy(unfiltered), px)
     write_fsc_csv(os.path.join(out, "fsc.csv"), {"fsc_halves": fsc}, n, px)
     write_json(os.path.join(out, "summary.json"), {
         "command": "reconstruct", "particles": os.path.abspath(args.particles),
-        "n_particles": len(ps), "box": n, "pixel_size_A": px,
+        "n_particles": len(ps), "box": n, "pixel_size_A": px, "symmetry": args.symmetry,
         "resolution_A_0143": res, "resolution_A_05": resolution_A(fsc, n, px, 0.5),
         "n_ranks": par.size, "backend": backend_name(xp),
         "wall_seconds": time.time() - start})

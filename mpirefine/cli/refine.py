@@ -97,7 +97,18 @@ def add_args(parser):
                    help="threshold the absolute value of the map [off]")
     g = p.add_argument_group("CTF refinement and Ewald sphere")
     g.add_argument("--optimize-defocus", action=B, default=False,
-                   help="per-particle defocus refinement (not supported yet) [off]")
+                   help="per-particle defocus refinement: after each particle's alignment, search "
+                        "its defocus (astigmatism kept) against its half's reference [off]")
+    g.add_argument("--defocus-search-range", dest="defocus_search_range_A", type=float,
+                   default=2000.0, metavar="Å",
+                   help="defocus searched within ± this of the current value, Å [2000]")
+    g.add_argument("--defocus-min-resolution", dest="defocus_min_resolution_A", type=float,
+                   default=20.0, metavar="Å",
+                   help="lowest resolution used to fit defocus, Å; the highest is the current "
+                        "GSFSC resolution [20]")
+    g.add_argument("--defocus-start-resolution", dest="defocus_start_resolution_A", type=float,
+                   default=8.0, metavar="Å",
+                   help="defocus is refined once the GSFSC resolution is finer than this, Å [8]")
     g.add_argument("--optimize-ctf-global", action=B, default=False,
                    help="per-group higher-order CTF refinement (not supported yet) [off]")
     g.add_argument("--ewald-correction", action=B, default=False,
@@ -146,7 +157,8 @@ def main(args) -> int:
 
     from mpirefine.cli.common import quiet_input_warnings
     from mpirefine.io.outputs import prepare_out_dir
-    from mpirefine.parallel import EXIT_PREEMPTED, Parallel, get_logger
+    from mpirefine.logs import get_logger
+    from mpirefine.parallel import EXIT_PREEMPTED, Parallel
     from mpirefine.refinement import refine
 
     resume = args.continue_dir is not None

@@ -95,7 +95,7 @@ def _get_kernel(name: str):
 
 def _threads(available: int) -> int:
     """This rank's share of the cores, as for BLAS (OMP_NUM_THREADS, which the
-    launchers and :func:`mpirefine.parallel.limit_threads` set), at most ``available``."""
+    launchers and :func:`mpirefine.ranks.limit_threads` set), at most ``available``."""
     try:
         wanted = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:

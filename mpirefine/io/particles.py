@@ -465,6 +465,9 @@ class ImageSource:
     :meth:`batches` reads one batch ahead on a background thread (``prefetch``), so the
     next batch comes off the disk while the caller works on the current one.  The reads
     are the ones a plain loop makes, in the same order, so results do not change.
+    :meth:`read_ahead` starts reading a batch that a later :meth:`batches` call will
+    ask for first (the refinement reads the next iteration's first batch while the
+    maps are reconstructed); a batch asked for that was not read ahead is read then.
 
     Counters (for benchmarks and timings): ``read_seconds``, time spent reading on
     whichever thread; ``wait_seconds``, time :meth:`batches`' caller waited for images;
@@ -478,6 +481,9 @@ class ImageSource:
         self._open: OrderedDict[int, MrcStack] = OrderedDict()
         self._lock = threading.Lock()        # one read at a time: the open maps are shared
         self._pending: set[Future] = set()   # prefetches submitted and not finished
+        self._ahead: tuple[bytes, Future] | None = None   # read_ahead's batch
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self.ahead_used = 0                  # batches that read_ahead had read
         self.read_seconds = 0.0
         self.wait_seconds = 0.0
         self.images_read = 0
@@ -554,15 +560,17 @@ class ImageSource:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         size = max(1, int(size))
         blocks = [idx[start:start + size] for start in range(0, idx.size, size)]
+        ahead = self._take_ahead(blocks[0]) if blocks else None
+        self.ahead_used += ahead is not None
         if not (self.prefetch if prefetch is None else prefetch) or len(blocks) < 2:
-            for block in blocks:
+            for k, block in enumerate(blocks):
                 start = time.perf_counter()
-                images = self.images(block)
+                images = ahead.result() if k == 0 and ahead is not None else self.images(block)
                 self.wait_seconds += time.perf_counter() - start
                 yield block, images
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpirefine-images")
-        pending = self._submit(pool, blocks[0])
+        pending = ahead if ahead is not None else self._submit(pool, blocks[0])
         try:
             for k, block in enumerate(blocks):
                 start = time.perf_counter()
@@ -581,11 +589,41 @@ class ImageSource:
         future.add_done_callback(self._pending.discard)
         return future
 
+    def read_ahead(self, indices) -> None:
+        """Start reading the images of ``indices`` on a background thread, for the next
+        :meth:`batches` call whose first batch they are; replaces an earlier read-ahead."""
+        block = np.asarray(indices, dtype=np.int64).reshape(-1)
+        self._drop_ahead()
+        if block.size == 0:
+            return
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpirefine-ahead")
+        self._ahead = (block.tobytes(), self._submit(self._ahead_pool, block))
+
+    def _take_ahead(self, block: np.ndarray) -> Future | None:
+        """The read-ahead of exactly ``block``, if there is one; any other is dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead[0] == np.asarray(block, np.int64).tobytes():
+            return ahead[1]
+        ahead[1].cancel()
+        return None
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+
     def close(self) -> None:
         """Close every map, after a read in progress on the prefetch thread has ended."""
+        self._drop_ahead()
         for future in list(self._pending):
             future.cancel()
         wait(list(self._pending))
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True)
+            self._ahead_pool = None
         with self._lock:
             while self._open:
                 self._open.popitem()[1].close()

@@ -305,6 +305,10 @@ def write_star(path: str | os.PathLike, particle_set: ParticleSet,
         particles = ps._star_particles.copy()
         particles["rlnImageName"] = _portable_image_names(ps, particles["rlnImageName"], path)
         particles = particles.drop(columns=[c for c in ORIGINS_PX if c in particles.columns])
+        for column, values in (("rlnDefocusU", ps.ctf.defocus_u_A), ("rlnDefocusV", ps.ctf.defocus_v_A)):
+            values = np.broadcast_to(values, (n,))
+            if np.any(np.abs(particles[column].to_numpy(float) - values) > 1e-3):
+                particles[column] = values   # refined (refine --optimize-defocus)
         if ps._star_legacy or ps._star_optics is None:
             optics, group = _optics_from_arrays(ps)
             particles["rlnOpticsGroup"] = group

@@ -211,19 +211,22 @@ class IterationFSC:
 
     unmasked: the half maps as they are; masked: under the iteration's mask;
     corrected: the masked curve corrected by phase randomisation beyond
-    ``randomize_shell`` (the GSFSC of the iteration)."""
+    ``randomize_shell`` (the GSFSC of the iteration); also_corrected: the corrected
+    curves under the other masks asked for (name → curve)."""
 
     unmasked: np.ndarray
     masked: np.ndarray
     corrected: np.ndarray
     randomize_shell: int
+    also_corrected: dict = field(default_factory=dict)
 
 
 def iteration_fsc(map_a, map_b, mask, seed: int, draws: int = 1,
-                  randomize_at_fsc: float = RANDOMIZE_AT_FSC) -> IterationFSC:
+                  randomize_at_fsc: float = RANDOMIZE_AT_FSC, others: dict | None = None) -> IterationFSC:
     """The per-iteration GSFSC of half maps ``map_a``, ``map_b`` under ``mask`` (all
     (n, n, n)), corrected for the mask by phase randomisation; ``seed`` seeds the
-    randomisation (the refinement passes one made of --seed and the iteration)."""
+    randomisation (the refinement passes one made of --seed and the iteration).
+    others: {name: mask}, further masks corrected with the same randomised copies."""
     a = np.asarray(to_numpy(map_a), np.float64)
     b = np.asarray(to_numpy(map_b), np.float64)
     unmasked = fsc_curve(a, b)
@@ -232,7 +235,9 @@ def iteration_fsc(map_a, map_b, mask, seed: int, draws: int = 1,
     ra = [randomize_phases_beyond(a, shell, rng) for _ in range(draws)]
     rb = [randomize_phases_beyond(b, shell, rng) for _ in range(draws)]
     masked, _, corrected = masked_corrected(a, b, ra, rb, np.asarray(to_numpy(mask)), shell)
-    return IterationFSC(unmasked, masked, corrected, shell)
+    also = {name: masked_corrected(a, b, ra, rb, np.asarray(to_numpy(m)), shell)[2]
+            for name, m in (others or {}).items()}
+    return IterationFSC(unmasked, masked, corrected, shell, also)
 
 
 def _fallback(a, b, ra, rb, masks, shell, max_randomized_fsc):

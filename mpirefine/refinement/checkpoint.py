@@ -20,7 +20,7 @@ Layout (arrays as datasets, small things as JSON attributes):
     /masks/half_A, half_B       the dynamic refinement masks, when in use
     /fsc                         the latest FSC between the half maps
     /noise_sigma2                the noise model per shell
-    /particles/{rotations, shifts_px, scale, log_likelihood, aligned, split}
+    /particles/{rotations, shifts_px, scale, log_likelihood, aligned, defocus_change_A, split}
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ FILENAME = "checkpoint.h5"
 FORMAT = "mpirefine-checkpoint"
 VERSION = 1
 _HALF = {0: "half_A", 1: "half_B"}
-_PARTICLE_FIELDS = ("rotations", "shifts_px", "scale", "log_likelihood", "aligned")
+_PARTICLE_FIELDS = ("rotations", "shifts_px", "scale", "log_likelihood", "aligned", "defocus_change_A")
 
 
 @dataclass
@@ -137,7 +137,8 @@ def load(out_dir: str, arrays: bool = True) -> Checkpoint:
                 references=halves("references"),
                 masks=halves("masks"), fsc=np.array(f["fsc"]),
                 noise_sigma2=np.array(f["noise_sigma2"]),
-                particles={name: np.array(f["particles"][name]) for name in _PARTICLE_FIELDS},
+                particles={name: np.array(f["particles"][name]) for name in _PARTICLE_FIELDS
+                           if name in f["particles"]},
                 split=np.array(f["particles"]["split"]))
     except (OSError, KeyError) as exc:
         raise InputError(f"{path} is unreadable or incomplete ({exc}); the job may have been "

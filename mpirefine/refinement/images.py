@@ -217,6 +217,18 @@ class MixedBoxImages:
                 for local, images in source.batches(np.searchsorted(rows, mine), size):
                     yield rows[local], images
 
+    @property
+    def ahead_used(self) -> int:
+        return sum(source.ahead_used for _, source in self._sources.values())
+
+    def read_ahead(self, indices) -> None:
+        """ImageSource.read_ahead for a batch of one box (as ``batches`` makes them)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        boxes = np.unique(self.particles.image_box[idx])
+        if boxes.size == 1:
+            rows, source = self._sources[int(boxes[0])]
+            source.read_ahead(np.searchsorted(rows, idx))
+
     def images(self, indices) -> np.ndarray:
         """Images of particles ``indices``, which must share one box (m, box, box)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

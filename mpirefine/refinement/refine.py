@@ -16,8 +16,10 @@ pair (world ranks 0 and 1, or rank 0 alone) does the per-iteration map work.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -33,12 +35,13 @@ from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_particles, read_volume
-from mpirefine.parallel import shard_bounds
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
-from mpirefine.postprocess.fsc import crossing_shell, resolution_A
+from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.postprocess.masks import dynamic_mask
+from mpirefine.ranks import shard_bounds
 from mpirefine.refinement import restart
 from mpirefine.refinement.batching import auto_minibatch_size, choose_minibatch, random_split
+from mpirefine.refinement.gsfsc import extent_mask, steering_fsc
 from mpirefine.refinement.halfmaps import (
     PAD,
     HalfMapReduction,
@@ -55,6 +58,7 @@ from mpirefine.refinement.halfmaps import (
 from mpirefine.refinement.images import ImagePrep, ctf_grid, open_images, prepare_images
 from mpirefine.refinement.references import next_references
 from mpirefine.refinement.state import Convergence, Job, ParticleState
+from mpirefine.search.defocus import search_defocus
 from mpirefine.search.plan import lattice_offsets, plan_search, run_search, search_reference
 
 # ----------------------------------------------------------------------------- prepare
@@ -103,11 +107,16 @@ def build_job(cfg: RefineConfig, par, log) -> Job:
     split = ps.split.copy() if np.all(ps.split >= 0) else random_split(len(ps), cfg.seed)
     scale = np.ones(len(ps)) if cfg.reset_scale else ps.scale.copy()
     reference = lowpass(xp.asarray(volume), cfg.initial_lowpass_A, prep.pixel_size_A)
+    extent = None
+    if par.is_root and static_mask is None:
+        extent = extent_mask(reference, prep.pixel_size_A, cfg.initial_lowpass_A,
+                             cfg.dynamic_mask_threshold, cfg.dynamic_mask_near,
+                             cfg.dynamic_mask_far, cfg.window_outer)
     return Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
                references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, prep.box),
                state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
                resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
-               symmetry_alignment=alignment)
+               symmetry_alignment=alignment, extent_mask=extent)
 
 
 def prepare(cfg: RefineConfig, par, log) -> Job:
@@ -209,23 +218,28 @@ def minibatch_for_iteration(job: Job, iteration: int, force_full: bool) -> np.nd
 
 
 def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer,
-                          on_accumulator=None) -> tuple[dict, np.ndarray, np.ndarray]:
+                          on_accumulator=None, source=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Search every particle of this rank's share of the minibatch against its half's
     reference and insert it; returns (accumulators, noise power sums, counts).
 
     on_accumulator(half, acc): called as soon as a half's accumulator is complete (the
     hook that starts its reduction, :class:`HalfMapReduction`; it may wait there for the
-    other ranks once every half is done)."""
+    other ranks once every half is done).  source: the job's open image source
+    (:func:`open_images`), kept across iterations so that it can read ahead; one is
+    opened for this call when None."""
     par, ps, xp, cfg = job.par, job.particles, job.xp, job.cfg
     n = ps.box
     plan = plan_search(job.alignment_resolution_A(), job.prep, cfg,
                        marginalize=cfg.adaptive_marginalization,
                        relaxation=cfg.symmetry_relaxation)
     weights = job.noise.pixel_weights(n, xp)
+    defocus = job.refines_defocus()
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
-    with open_images(ps) as source:
+    with contextlib.ExitStack() as stack:
+        if source is None:
+            source = stack.enter_context(open_images(ps))
         for half, mine in rank_share(par, job.split, minibatch):
             acc = Accumulator.zeros(n, PAD, xp)
             ref = job.references[half]
@@ -244,14 +258,28 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                     break
                 idx, images = batch
                 with timer("preparation"):
-                    f = prepare_images(images, job.prep, xp, ps.image_grid(idx))
-                    c = ctf_grid(ps.ctf.subset(idx), job.prep, xp, ps.image_grid(idx))
+                    grid = ps.image_grid(idx)
+                    f = prepare_images(images, job.prep, xp, grid)
+                    params = job.ctf_params(idx)
+                    c = ctf_grid(params, job.prep, xp, grid)
                 with timer("search"):
                     res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
                                      job.symmetry, cfg.symmetry_relaxation, shared)
                 timer.count("search_poses_scored", res.stats.poses_scored)
                 timer.count("search_gemm_flops", res.stats.gemm_flops)
                 scale = np.clip(res.optimal_scale, 0.05, 20.0) if cfg.minimize_scale else job.state.scale[idx]
+                change = job.state.defocus_change_A[idx]
+                if defocus:
+                    with timer("defocus"):
+                        delta = search_defocus(
+                            vft, f, params, res.rotations, res.shifts_px, scale, weights,
+                            np.full(len(idx), job.prep.pixel_size_A) if grid is None
+                            else grid.effective_pixel_size_A(),
+                            cfg.defocus_min_resolution_A, job.resolution_A, cfg.defocus_search_range_A)
+                        change = change + delta
+                        params = dataclasses.replace(params, defocus_u_A=params.defocus_u_A + delta,
+                                                     defocus_v_A=params.defocus_v_A + delta)
+                        c = ctf_grid(params, job.prep, xp, grid)
                 with timer("backprojection"):
                     if plan.marginalize:
                         insert_particles(acc, f, c, weights, res.candidate_rotations,
@@ -261,7 +289,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                     p, k = residual_power_sums(vft, f, c, res.rotations, res.shifts_px, scale)
                     power += p
                     counts += k
-                results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood))
+                results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood, change))
             accs[half] = acc
             if on_accumulator is not None:
                 on_accumulator(half, acc)
@@ -273,7 +301,7 @@ def collect_particle_results(job: Job, results: list) -> None:
     """Every rank's per-particle results onto world rank 0's ParticleState."""
     packed = None
     if results:
-        packed = tuple(np.concatenate([np.asarray(r[i]) for r in results]) for i in range(5))
+        packed = tuple(np.concatenate([np.asarray(r[i]) for r in results]) for i in range(6))
     gathered = job.par.gather_obj(packed, root=0)
     if job.par.is_root:
         for item in gathered:
@@ -281,12 +309,15 @@ def collect_particle_results(job: Job, results: list) -> None:
                 job.state.update(*item)
     if job.cfg.minimize_scale:
         job.share_scales()
+    if job.cfg.optimize_defocus:
+        job.share_defocus()
 
 
 def update_references(job: Job, halves) -> None:
-    """New resolution, masks and next references from this iteration's half maps;
-    collective. The unregularised pair is kept as the job's half maps (outputs, final
-    FSC suite) on world rank 0, with everything else the checkpoint holds.
+    """New masks and next references from this iteration's half maps, reconstructed
+    with :func:`steer` (which set the job's GSFSC and resolution); collective. The
+    unregularised pair is kept as the job's half maps (outputs, final FSC suite) on
+    world rank 0, with everything else the checkpoint holds.
 
     ``halves``: with one rank per half, a :class:`HalfMaps` (the root pair does the map
     work, then broadcasts within its group); with more, this rank's
@@ -295,17 +326,17 @@ def update_references(job: Job, halves) -> None:
     if isinstance(halves, SlabHalfMaps):
         _update_from_slabs(job, halves)
         return
-    par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
+    par, cfg, px = job.par, job.cfg, job.prep.pixel_size_A
+    found = job.steering
     info = None
     if halves is not None:
-        maps, fsc = halves.regularised, halves.fsc
-        res = resolution_A(fsc, n, px)
+        maps, fsc, res = halves.regularised, found.fsc, found.resolution_A
         # each root makes its own half's mask and reference; rank 0 gets the other
         # half's from rank 1 for the checkpoint
         own = [h for h in (0, 1) if par.is_half_root(h)]
         masks = {}
         with par.timer("reconstruction"):
-            if _use_dynamic_mask(cfg, res):
+            if _use_dynamic_mask(job, res):
                 masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
                                          cfg.dynamic_mask_near, cfg.dynamic_mask_far,
                                          cfg.dynamic_mask_absolute) for h in own}
@@ -316,51 +347,81 @@ def update_references(job: Job, halves) -> None:
             if masks:
                 masks[other] = par.exchange_roots(np.ascontiguousarray(masks[own[0]]))
         job.half_maps, job.regularised_maps = halves.unregularised, halves.regularised
-        job.fsc, job.masks, job.next_references = fsc, masks, refs
-        info = (res, bool(masks))
-    job.resolution_A, has_masks = par.bcast_obj(info, root=0)
+        job.masks, job.next_references = masks, refs
+        info = bool(masks)
+    has_masks = par.bcast_obj(info, root=0)
     job.share_half_volumes(job.next_references or {}, job.masks, has_masks)
 
 
-def _use_dynamic_mask(cfg: RefineConfig, resolution: float) -> bool:
-    return (cfg.dynamic_mask and cfg.mask is None
-            and resolution <= cfg.dynamic_mask_start_resolution_A)
+def steer(job: Job, iteration: int, half_maps: dict | None) -> np.ndarray:
+    """The iteration's GSFSC (refinement/gsfsc.py), computed on world rank 0 from the
+    whole unregularised ``half_maps`` and broadcast; sets the job's resolution and
+    curves on every rank and returns the curve that sets the regularisation of the
+    half maps (the reconstruction calls it between its two passes). Collective."""
+    found = None
+    if job.par.is_root:
+        with job.par.timer("root"):
+            found = steering_fsc(job, half_maps, iteration)
+    found = job.par.bcast_obj(found, root=0)
+    job.steering = found
+    job.fsc, job.resolution_A = found.fsc, found.resolution_A
+    return found.regularisation
+
+
+def _use_dynamic_mask(job: Job, resolution: float) -> bool:
+    """Dynamic masking applies from --dynamic-mask-start-resolution on and, once
+    started, stays on (the same answer on every rank: resolution and masks are)."""
+    cfg = job.cfg
+    if not cfg.dynamic_mask or cfg.mask is not None:
+        return False
+    return bool(job.masks) or resolution <= cfg.dynamic_mask_start_resolution_A
 
 
 def _update_from_slabs(job: Job, maps: SlabHalfMaps) -> None:
     """update_references for a distributed reconstruction: every rank ends with its
-    halves' whole next references (and masks); the half roots gather the half maps,
-    and half B's root sends rank 0 its maps, reference and mask for the checkpoint."""
-    par, cfg, px, n = job.par, job.cfg, job.prep.pixel_size_A, job.prep.box
-    res = resolution_A(maps.fsc, n, px)   # the same curve on every rank: the same answer
+    halves' whole next references (and masks); the half roots gather the regularised
+    maps, and half B's root sends rank 0 its map, reference and mask for the
+    checkpoint (rank 0 has the unregularised pair from the reconstruction)."""
+    par, cfg, px = job.par, job.cfg, job.prep.pixel_size_A
+    whole = {h: (gather_rows(par, h, maps.layout, maps.regularised[h]),) for h in par.halves_here}
+    pair = gather_to_rank0(par, {h: whole[h] for h in par.halves_here if par.is_half_root(h)})
+    res = job.resolution_A
+    maps = dataclasses.replace(maps, fsc=job.fsc)
     refs = slab_references(par, maps, cfg.gsfsc_split_resolution_A, px)
     masks = {}
-    if _use_dynamic_mask(cfg, res):
+    if _use_dynamic_mask(job, res):
         masks = slab_masks(par, maps, res, px, cfg.dynamic_mask_threshold, cfg.dynamic_mask_near,
                            cfg.dynamic_mask_far, cfg.dynamic_mask_absolute)
     for h in par.halves_here:
         job.references[h] = job.xp.asarray(refs[h])
-    whole = {h: (gather_rows(par, h, maps.layout, maps.unregularised[h]),
-                 gather_rows(par, h, maps.layout, maps.regularised[h])) for h in par.halves_here}
-    mine = {h: whole[h] + (to_numpy(refs[h]),) + ((masks[h],) if masks else ())
+    mine = {h: (to_numpy(refs[h]),) + ((masks[h],) if masks else ())
             for h in par.halves_here if par.is_half_root(h)}
-    pair = gather_to_rank0(par, mine)
+    extra = gather_to_rank0(par, mine)
     job.masks = dict(masks)
-    job.fsc, job.resolution_A = maps.fsc, res
-    if pair is not None:
-        job.half_maps = {h: v[0] for h, v in pair.items()}
-        job.regularised_maps = {h: v[1] for h, v in pair.items()}
-        job.next_references = {h: v[2] for h, v in pair.items()}
+    if par.is_root:
+        job.half_maps = maps.unregularised_pair
+        job.regularised_maps = {h: v[0] for h, v in pair.items()}
+        job.next_references = {h: v[0] for h, v in extra.items()}
         if masks:
-            job.masks.update({h: v[3] for h, v in pair.items()})
+            job.masks.update({h: v[1] for h, v in extra.items()})
 
 
-def during_reconstruction(job: Job, iteration: int) -> None:
-    """Hook: every rank calls it once its accumulators are on their way (the
-    reductions started) and before it waits for them and reconstructs; work placed
-    here overlaps the reconstruction, e.g. reading ahead the images of iteration
-    ``iteration + 1`` (which particles those are is known only after the resolution:
-    minibatch_for_iteration). Does nothing yet."""
+def during_reconstruction(job: Job, iteration: int, source, rule: Convergence) -> None:
+    """Work that overlaps the reconstruction: every rank calls it once its accumulators
+    are on their way (the reductions started) and before it waits for them.
+
+    It starts reading this rank's first image batch of iteration ``iteration + 1``,
+    which the search will ask for first. Which particles those are depends on the
+    minibatch size, i.e. on the resolution the reconstruction is about to give: the
+    guess uses the current one. Full passes always guess right; a minibatch whose size
+    changes is read when it is due instead (the read-ahead is dropped)."""
+    if iteration >= job.cfg.max_iterations:
+        return
+    upcoming = minibatch_for_iteration(job, iteration + 1, force_full=rule.full_passes)
+    for _half, mine in rank_share(job.par, job.split, upcoming):
+        if len(mine):
+            source.read_ahead(mine[:job.cfg.image_batch_size])
+            return
 
 
 def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> None:
@@ -376,6 +437,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
     cfg, par, log = job.cfg, job.par, job.log
     start = time.time()
     writer = CheckpointWriter(timer)
+    source = open_images(job.particles)
     try:
         for iteration in range(first_iteration, cfg.max_iterations + 1):
             t0 = time.time()
@@ -384,17 +446,19 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
             reduction = HalfMapReduction(par, job.prep.box,
                                          job.symmetry if job.enforce_symmetry else None)
             accs, power, counts = align_and_backproject(job, minibatch, iteration, timer,
-                                                        on_accumulator=reduction.begin)
+                                                        on_accumulator=reduction.begin,
+                                                        source=source)
             noise_sums = par.iallreduce(np.concatenate([power, counts]))
-            during_reconstruction(job, iteration)
+            during_reconstruction(job, iteration, source, rule)
             sums = reduction.finish(accs)
             del accs
+            gsfsc = functools.partial(steer, job, iteration)
             if reduction.distributed:
-                update_references(job, reconstruct_slabs(par, sums))
+                update_references(job, reconstruct_slabs(par, sums, gsfsc))
             else:
                 update_references(job, reconstruct_root_pair(
-                    par, sums, job.prep.box, job.symmetry if job.enforce_symmetry else None))
-            del sums
+                    par, sums, job.prep.box, job.symmetry if job.enforce_symmetry else None,
+                    gsfsc))
             noise_sums = noise_sums.wait()
             job.noise = model_from_sums(noise_sums[:len(power)], noise_sums[len(power):],
                                         constant=False)
@@ -402,11 +466,17 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
             seconds = time.time() - t0
             job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
                                 "full_pass": full, "resolution_A": res, "seconds": seconds,
-                                "alignment_resolution_A": job.alignment_resolution_A()})
+                                "alignment_resolution_A": job.alignment_resolution_A(),
+                                **job.steering.record()})
             stop = rule.update(res, full)
+            if stop or iteration == cfg.max_iterations:
+                job.full_map = final_full_map(job, sums)
+            del sums
             eta = _eta_text(job.history, rule.remaining if rule.converged else None)
             log.info(f"iteration {iteration:3d}  batch {len(minibatch):7d}{' (all)' if full else '      '}  "
-                     f"GSFSC {res:6.2f} Å  {seconds:7.1f} s  elapsed {time.time() - start:7.1f} s  {eta}")
+                     f"GSFSC {res:6.2f} Å ({job.steering.mask} mask; unmasked "
+                     f"{job.steering.unmasked_resolution_A:6.2f} Å)  {seconds:7.1f} s  "
+                     f"elapsed {time.time() - start:7.1f} s  {eta}")
             if par.is_root:
                 writer.save(job, iteration, rule)
             par.barrier()  # the half roots' own work (gathering maps): idle for the others
@@ -419,7 +489,21 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
         else:
             log.warning(f"stopped after --max-iterations {cfg.max_iterations} without convergence")
     finally:
+        timer.count("image_batches_read_ahead", source.ahead_used)
+        source.close()
         writer.join()
+
+
+def final_full_map(job: Job, sums: dict):
+    """The last iteration's map from all particles (halfmaps.full_map), regularised by
+    twice the half maps' SSNR (the curve that regularised them); on world rank 0, None
+    elsewhere. Collective."""
+    from mpirefine.fourier.reconstruct import ssnr_from_fsc
+    from mpirefine.refinement.halfmaps import full_map
+
+    with job.par.timer("reconstruction"):
+        return full_map(job.par, sums, job.prep.box,
+                        ssnr=2.0 * ssnr_from_fsc(job.steering.regularisation))
 
 
 class CheckpointWriter:
@@ -522,7 +606,7 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
     from mpirefine.io.outputs import write_fsc_csv, write_json
     from mpirefine.postprocess.sharpen import MIN_FIT_SHELLS, sharpen_filtered_map
     from mpirefine.postprocess.validation import fsc_suite
-    from mpirefine.refinement.halfmaps import fsc_weighted_average
+    from mpirefine.refinement.halfmaps import fsc_filter
     from mpirefine.report import write_report
 
     if not job.par.is_root:
@@ -535,9 +619,14 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
     suite = fsc_suite(maps[0], maps[1], px, resolution_A_hint=job.resolution_A,
                       window_inner=cfg.window_inner, window_outer=cfg.window_outer, seed=cfg.seed)
     final_fsc, final_res = suite.final_curve, suite.final_resolution_A
-    # the map itself from the regularised halves (the better estimate of each half);
-    # the FSC above from the unregularised ones (see halfmaps.HalfMaps)
-    filtered = fsc_weighted_average(job.regularised_maps, final_fsc, crossing_shell(final_fsc))
+    # the map itself from all particles' sums (halfmaps.full_map), regularised; the FSC
+    # above from the unregularised halves (see halfmaps.HalfMaps)
+    full = job.full_map
+    if full is None:   # resumed after the last iteration: the sums are gone
+        job.log.warning("map.mrc is the average of the regularised half maps: the job was "
+                        "continued after its last iteration, whose sums the checkpoint lacks")
+        full = 0.5 * (job.regularised_maps[0] + job.regularised_maps[1])
+    filtered = fsc_filter(full, final_fsc, crossing_shell(final_fsc))
     write_mrc(os.path.join(out, "map.mrc"), filtered, px)
     sharp, guinier, guinier_s2, guinier_curve = sharpen_filtered_map(
         filtered, 0.5 * (maps[0] + maps[1]), final_fsc, final_res, px)
@@ -556,7 +645,8 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
                  f"'{suite.auto_mask_name}' {final_res:.2f} Å; unmasked "
                  f"{suite.resolution_A['no_mask']:.2f} Å; B-factor {guinier.bfactor_A2:.0f} Å²")
     st = job.state
-    write_particles(out, job.particles, st.rotations, st.shifts_px * px, job.split, st.scale)
+    refined = dataclasses.replace(job.particles, ctf=job.ctf_params(np.arange(len(job.particles))))
+    write_particles(out, refined, st.rotations, st.shifts_px * px, job.split, st.scale)
     summary = {
         "command": "refine",
         "final_resolution_A": final_res,
@@ -572,6 +662,7 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         "n_particles": len(job.particles),
         "n_particles_aligned": int(st.aligned.sum()),
         "converged": bool(rule.converged),
+        "defocus_refinement": defocus_summary(job),
         "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,
         "box": n, "pixel_size_A": px,
         "n_ranks": job.par.size,
@@ -590,6 +681,21 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
     report = write_report(out)
     job.log.info(f"report: {report}")
     return summary
+
+
+def defocus_summary(job: Job) -> dict | None:
+    """--optimize-defocus: how far the particles' defocus moved (Å; U and V move together)."""
+    if not job.cfg.optimize_defocus:
+        return None
+    change = np.asarray(job.state.defocus_change_A, float)
+    counts, edges = np.histogram(change, bins=41)
+    return {"n_changed": int(np.count_nonzero(change)), "mean_A": float(change.mean()),
+            "sd_A": float(change.std()), "rms_A": float(np.sqrt(np.mean(change ** 2))),
+            "percentiles_A": {str(q): float(np.percentile(change, q)) for q in (1, 5, 25, 50, 75, 95, 99)},
+            "histogram": {"counts": counts.tolist(), "edges_A": edges.tolist()},
+            "start_resolution_A": job.cfg.defocus_start_resolution_A,
+            "min_resolution_A": job.cfg.defocus_min_resolution_A,
+            "search_range_A": job.cfg.defocus_search_range_A}
 
 
 def run(cfg: RefineConfig, par, log, resume: bool = False) -> dict | None:

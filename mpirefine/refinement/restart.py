@@ -67,6 +67,8 @@ def resume(job: Job) -> tuple[Convergence, int]:
             job.state = ParticleState(**ckpt.particles)
     job.share_half_volumes(job.next_references or {}, job.masks, small["has_masks"])
     job.share_scales()
+    if cfg.optimize_defocus:
+        job.share_defocus()
     job.log.info(f"continuing {cfg.out_dir} after iteration {small['iteration']} "
                  f"(GSFSC {small['resolution_A']:.2f} Å)")
     return Convergence(**small["convergence"]), small["iteration"] + 1

@@ -8,6 +8,7 @@ plain data, so a checkpoint (:mod:`mpirefine.refinement.checkpoint`) can hold th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -27,20 +28,27 @@ class ParticleState:
     scale: np.ndarray             # (N,)
     log_likelihood: np.ndarray    # (N,)
     aligned: np.ndarray           # (N,) bool
+    defocus_change_A: np.ndarray | None = None   # (N,) added to defocus U and V (--optimize-defocus)
 
-    FIELDS = ("rotations", "shifts_px", "scale", "log_likelihood", "aligned")
+    FIELDS = ("rotations", "shifts_px", "scale", "log_likelihood", "aligned", "defocus_change_A")
+
+    def __post_init__(self):
+        if self.defocus_change_A is None:   # also a checkpoint written before the field existed
+            self.defocus_change_A = np.zeros(len(self.scale))
 
     @classmethod
     def empty(cls, n: int, scale) -> "ParticleState":
         return cls(np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)), np.asarray(scale, float).copy(),
                    np.full(n, -np.inf), np.zeros(n, bool))
 
-    def update(self, idx, rotations, shifts_px, scale, log_likelihood) -> None:
+    def update(self, idx, rotations, shifts_px, scale, log_likelihood, defocus_change_A=None) -> None:
         self.rotations[idx] = rotations
         self.shifts_px[idx] = shifts_px
         self.scale[idx] = scale
         self.log_likelihood[idx] = log_likelihood
         self.aligned[idx] = True
+        if defocus_change_A is not None:
+            self.defocus_change_A[idx] = defocus_change_A
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.FIELDS}
@@ -71,6 +79,9 @@ class Job:
     greyscale_factor: float = 1.0
     symmetry: np.ndarray | None = None    # (N, 3, 3) point group of the job
     symmetry_alignment: dict | None = None  # how the input volume was turned onto the axes
+    extent_mask: np.ndarray | None = None  # GSFSC mask before the dynamic mask (world rank 0)
+    steering: object = None               # the latest iteration's GSFSC (refinement/gsfsc.py)
+    full_map: np.ndarray | None = None     # the last iteration's map of all particles (rank 0)
 
     @property
     def enforce_symmetry(self) -> bool:
@@ -97,6 +108,25 @@ class Job:
         search and insertion use its latest scale on whichever rank serves it."""
         scale = self.par.bcast_obj(self.state.scale if self.par.is_root else None, root=0)
         self.state.scale[:] = scale
+
+    def share_defocus(self) -> None:
+        """World rank 0's per-particle defocus changes to every rank (--optimize-defocus)."""
+        change = self.par.bcast_obj(self.state.defocus_change_A if self.par.is_root else None, root=0)
+        self.state.defocus_change_A[:] = change
+
+    def ctf_params(self, idx):
+        """CTF parameters of particles ``idx`` with their refined defocus."""
+        params = self.particles.ctf.subset(idx)
+        change = self.state.defocus_change_A[idx]
+        if not np.any(change):
+            return params
+        return dataclasses.replace(params, defocus_u_A=params.defocus_u_A + change,
+                                   defocus_v_A=params.defocus_v_A + change)
+
+    def refines_defocus(self) -> bool:
+        """--optimize-defocus, once the GSFSC is finer than its start resolution."""
+        return (self.cfg.optimize_defocus
+                and self.resolution_A <= self.cfg.defocus_start_resolution_A)
 
     def alignment_resolution_A(self) -> float:
         """The current resolution, capped by --max-align-resolution when given."""
