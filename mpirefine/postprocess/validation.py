@@ -257,16 +257,16 @@ def iteration_fsc(map_a, map_b, mask, seed: int, draws: int = 1,
     unmasked = curve(fa, fb)
     shell = randomization_shell(unmasked, randomize_at_fsc)
     beyond = shells.reshape(fa.shape) >= shell   # (shells beyond Nyquist too: as fsc_curve's map)
-    count = int(to_numpy(beyond.sum()))
     rng = np.random.default_rng([seed, 144])
     randomized = []
     for _ in range(draws):
         pair = []
         for f in (fa, fb):
-            phases = xp.asarray(rng.uniform(0.0, 2.0 * np.pi, size=count).astype(np.float32))
-            g = f.copy()
-            g[beyond] = xp.abs(f[beyond]) * (xp.cos(phases) + 1j * xp.sin(phases))
-            pair.append(xp.fft.irfftn(g, s=(n, n, n), axes=(0, 1, 2)))
+            # a phase for every voxel, used where beyond: no data-dependent sizes, so a
+            # GPU rank never waits for a count
+            phases = xp.asarray(rng.uniform(0.0, 2.0 * np.pi, size=f.shape).astype(np.float32))
+            g = xp.where(beyond, xp.abs(f) * (xp.cos(phases) + 1j * xp.sin(phases)), f)
+            pair.append(xp.fft.irfftn(g.astype(xp.complex64), s=(n, n, n), axes=(0, 1, 2)))
         randomized.append(pair)
 
     def corrected(m):
