@@ -37,7 +37,6 @@ def main(args) -> int:
     from mpirefine.backend import backend_name, to_numpy
     from mpirefine.cli.common import quiet_input_warnings
     from mpirefine.errors import InputError
-    from mpirefine.fourier.reconstruct import ssnr_from_fsc
     from mpirefine.geometry.symmetry import point_group
     from mpirefine.io import read_particles, write_mrc
     from mpirefine.io.outputs import fsc_table, prepare_out_dir, write_fsc_csv, write_json
@@ -72,7 +71,7 @@ def main(args) -> int:
     halves = reconstruct_half_maps(par, accs, n, group if len(group) > 1 else None)
     unfiltered = full_map(par, accs, n)
     fsc = par.bcast_obj(halves.fsc if par.is_root else None, root=0)
-    regularised = full_map(par, accs, n, ssnr=2.0 * ssnr_from_fsc(fsc))
+    regularised = full_map(par, accs, n, half_fsc=fsc)
     if not par.is_root:
         return 0
     maps = halves.unregularised

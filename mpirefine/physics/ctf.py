@@ -13,7 +13,7 @@ Every function takes the frequency grids' array namespace (NumPy or CuPy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -58,6 +58,12 @@ class CTFParams:
 
     def __len__(self) -> int:
         return max(getattr(self, f.name).shape[0] for f in fields(self))
+
+    def with_defocus_offset(self, offset_A) -> "CTFParams":
+        """The same parameters with ``offset_A`` (scalar or per particle) added to both
+        defocus U and V: astigmatism and its angle unchanged."""
+        return replace(self, defocus_u_A=self.defocus_u_A + offset_A,
+                       defocus_v_A=self.defocus_v_A + offset_A)
 
     def subset(self, index) -> "CTFParams":
         def pick(v):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import to_numpy
-from mpirefine.geometry.spheres import radial_distance
+from mpirefine.geometry.spheres import radial_distance, soft_sphere
 from mpirefine.postprocess.fsc import resolution_A
 from mpirefine.postprocess.masks import threshold_core
 from mpirefine.postprocess.validation import RANDOM_DRAWS, iteration_fsc
@@ -79,8 +79,7 @@ def extent_mask(volume, pixel_size_A: float, resolution_A: float, threshold: flo
     width = max((far - near) * resolution_A / pixel_size_A, 1.0)
     outer = min(inner + width, limit)
     inner = min(inner, outer - 1.0)
-    t = np.clip((r - inner) / max(outer - inner, 1e-6), 0.0, 1.0)
-    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+    return soft_sphere(n, inner, outer - inner, np)
 
 
 def randomization_draws(n: int) -> int:

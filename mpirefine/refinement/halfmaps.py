@@ -553,19 +553,20 @@ def gather_to_rank0(par, mine: dict) -> dict | None:
     return None
 
 
-def full_map(par, accs: dict, n: int, ssnr=None):
+def full_map(par, accs: dict, n: int, half_fsc=None):
     """The map from all particles, D_A + D_B over W_A + W_B, on world rank 0 (None
     elsewhere); collective.  Call after the half maps were reconstructed from ``accs``
     (:func:`reconstruct_half_maps`, or the refinement's reduction: symmetry is then in
-    the sums).  ssnr: per shell, of the full map (twice the half maps'), for a
-    regularised map (refine's map.mrc); None for none (relion_reconstruct's map,
-    map_unfil.mrc).
+    the sums).  half_fsc: the half maps' FSC per shell, for a map regularised by the
+    SSNR of all particles (twice the half maps', which that FSC implies; refine's
+    map.mrc); None for none (relion_reconstruct's map, map_unfil.mrc).
 
     Dividing the summed sums, not averaging the halves' quotients, matters: a voxel
     that few images reach in one half is divided by a small weight there, and the
     average of the two noisy quotients is worse than one quotient of the sums (at the
     true poses of the apoferritin benchmark: FSC 0.5 vs truth at 6.28 Å for the
     average of the halves, 5.79 Å for this, as relion_reconstruct's 5.80 Å)."""
+    ssnr = None if half_fsc is None else 2.0 * ssnr_from_fsc(half_fsc)
     first = next(iter(accs.values()))
     if isinstance(first, SlabSums):
         return _slab_full_map(par, accs, ssnr)

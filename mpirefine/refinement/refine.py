@@ -277,8 +277,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                             else grid.effective_pixel_size_A(),
                             cfg.defocus_min_resolution_A, job.resolution_A, cfg.defocus_search_range_A)
                         change = change + delta
-                        params = dataclasses.replace(params, defocus_u_A=params.defocus_u_A + delta,
-                                                     defocus_v_A=params.defocus_v_A + delta)
+                        params = params.with_defocus_offset(delta)
                         c = ctf_grid(params, job.prep, xp, grid)
                 with timer("backprojection"):
                     if plan.marginalize:
@@ -498,12 +497,11 @@ def final_full_map(job: Job, sums: dict):
     """The last iteration's map from all particles (halfmaps.full_map), regularised by
     twice the half maps' SSNR (the curve that regularised them); on world rank 0, None
     elsewhere. Collective."""
-    from mpirefine.fourier.reconstruct import ssnr_from_fsc
     from mpirefine.refinement.halfmaps import full_map
 
     with job.par.timer("reconstruction"):
         return full_map(job.par, sums, job.prep.box,
-                        ssnr=2.0 * ssnr_from_fsc(job.steering.regularisation))
+                        half_fsc=job.steering.regularisation)
 
 
 class CheckpointWriter:

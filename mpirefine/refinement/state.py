@@ -8,7 +8,6 @@ plain data, so a checkpoint (:mod:`mpirefine.refinement.checkpoint`) can hold th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -120,8 +119,7 @@ class Job:
         change = self.state.defocus_change_A[idx]
         if not np.any(change):
             return params
-        return dataclasses.replace(params, defocus_u_A=params.defocus_u_A + change,
-                                   defocus_v_A=params.defocus_v_A + change)
+        return params.with_defocus_offset(change)
 
     def refines_defocus(self) -> bool:
         """--optimize-defocus, once the GSFSC is finer than its start resolution."""
