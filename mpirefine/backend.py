@@ -133,6 +133,23 @@ def choose_device(prefer: str = "auto", local_rank: int = 0):
     return np, None
 
 
+def device_memory(device: int | None = None) -> tuple[int, int]:
+    """(free, total) bytes of GPU ``device`` (default: the current one), as the CUDA
+    runtime reports them (cudaMemGetInfo); memory CuPy's pool holds counts as used."""
+    import cupy
+
+    if device is None:
+        return tuple(int(v) for v in cupy.cuda.runtime.memGetInfo())
+    with cupy.cuda.Device(int(device)):
+        return tuple(int(v) for v in cupy.cuda.runtime.memGetInfo())
+
+
+def ranks_per_device(local_size: int, device: int, n_devices: int) -> int:
+    """How many of a node's ``local_size`` ranks share GPU ``device`` (rank r uses GPU
+    r % n_devices, as :func:`choose_device` picks)."""
+    return max(1, sum(1 for r in range(int(local_size)) if r % max(1, n_devices) == device))
+
+
 def choose_backend(prefer: str = "auto"):
     """numpy or cupy for this process (see :func:`choose_device`)."""
     return choose_device(prefer)[0]

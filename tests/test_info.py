@@ -15,7 +15,14 @@ from test_hostile_input import BOX, N_PARTICLES, PIXEL_A, make_dataset
 from mpirefine.fourier.backproject import Accumulator
 from mpirefine.fourier.project import volume_ft
 from mpirefine.io import read_particles, write_mrc, write_particles, write_stack
-from mpirefine.report.memory import component_bytes, format_memory, memory_per_rank
+from mpirefine.report.memory import (
+    ACCUMULATOR_PER_VOXEL,
+    GATHER_TABLE_PER_ENTRY,
+    VFT_PER_VOXEL,
+    format_memory,
+    grid_sizes,
+    memory_per_rank,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +61,11 @@ def test_particle_file_facts(tmp_path):
     assert got["stacks"]["list"][0]["images_used"] == N_PARTICLES
     assert got["problems"] == []
     assert [r["ranks"] for r in got["memory"]["roles"]] == [
-        "rank 0 (half A root)", "rank 1 (half B root)", "rank 2"]
+        "rank 0 (half A root)", "rank 1 (half B root)", "rank 2 (both halves)"]
+    for role in got["memory"]["roles"]:
+        assert set(role["phases"]) == {"search", "insertion", "symmetrisation", "reconstruction"}
+        assert role["peak"]["ram"] >= max(p["ram"] for name, p in role["phases"].items()
+                                          if name != "symmetrisation")
 
 
 def test_table_is_readable(tmp_path):
@@ -65,8 +76,25 @@ def test_table_is_readable(tmp_path):
     for part in ("particles      20", "16 px, 1.5000 Å/px", "defocus U      1.500 µm",
                  "none (refine searches globally)", "1 referenced, 1 found, 0 missing",
                  "problems       none found", "memory per rank for a refinement on 1 rank(s)",
-                 "rank 0 (both halves)", "device: accumulators"):
+                 "rank 0 (both halves)", "device: accumulators", "search: RAM",
+                 "insertion: RAM", "symmetrisation (with --symmetry): RAM",
+                 "reconstruction: RAM", "peak RAM, NumPy rank", "peak GPU memory, GPU rank",
+                 "--gpu-memory GiB"):
         assert part in text, (part, text)
+
+
+def test_plan_for_a_gpu(tmp_path):
+    """--gpu-memory: the batch a GPU with that much free memory would take, and the
+    plan at that batch; --image-batch-size still sets the plan's batch."""
+    data = make_dataset(tmp_path)
+    got = info_json(data / "p.star", "--ranks", "4", "--gpu-memory", "16", "--symmetry", "O")
+    gpu = got["memory"]["gpu"]
+    assert gpu["image_batch_size"] == got["memory"]["image_batch_size"] == 1024
+    assert gpu["fits"] and gpu["free_GiB"] == 16 and got["memory"]["symmetry_order"] == 24
+    text = info(data / "p.star", "--gpu-memory", "16").stdout
+    assert "GPU image batch: 1024" in text and "--image-batch-size overrides" in text
+    fixed = info_json(data / "p.star", "--gpu-memory", "16", "--image-batch-size", "8")
+    assert fixed["memory"]["image_batch_size"] == 8
 
 
 def test_cryosparc_file_with_split_and_scale(tmp_path):
@@ -129,7 +157,9 @@ def test_map_statistics(tmp_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     data = make_dataset(tmp_path)
-    for args, words in ((["--ranks", "0"], "--ranks"), ([], "unknown extension")):
+    for args, words in ((["--ranks", "0"], "--ranks"), ([], "unknown extension"),
+                        (["--gpu-memory", "0"], "--gpu-memory"),
+                        (["--symmetry", "Q7"], "--symmetry")):
         target = data / "p.star" if args else data / "notes.txt"
         result = info(target, *args)
         assert result.returncode == 2
@@ -138,13 +168,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 def test_memory_model_matches_the_allocations():
     n = BOX
-    sizes = component_bytes(n, image_batch_size=32)
+    g = grid_sizes(n)
     acc = Accumulator.zeros(n, 2, np)
-    assert sizes["accumulator"] == acc.data.nbytes + acc.weight.nbytes
+    assert ACCUMULATOR_PER_VOXEL * g["V"] == acc.data.nbytes + acc.weight.nbytes
     vft = volume_ft(np.zeros((n, n, n), np.float32), pad=2)
-    real_reference_and_mask = 2 * 4 * n ** 3
-    assert sizes["reference"] == (vft.data.nbytes + vft.gather_table().nbytes
-                                  + real_reference_and_mask)
+    assert VFT_PER_VOXEL * g["V"] == vft.data.nbytes
+    assert GATHER_TABLE_PER_ENTRY * g["gather_table"] == vft.gather_table().nbytes
+    role = memory_per_rank(n, 20, 1, 32)["roles"][0]
+    search = role["phases"]["search"]["device"]
+    assert search["accumulators"] == 2 * ACCUMULATOR_PER_VOXEL * g["V"]
 
 
 def test_memory_layout_follows_the_ranks():
@@ -153,14 +185,18 @@ def test_memory_layout_follows_the_ranks():
     many = memory_per_rank(64, 1000, 6)["roles"]
     assert len(one) == 1 and len(two) == 2 and len(many) == 3
     # one rank serves both halves; with more, each rank serves one
-    assert one[0]["device"]["accumulators"] == 2 * two[0]["device"]["accumulators"]
+    insertion = [r[0]["phases"]["insertion"]["device"]["accumulators"] for r in (one, two)]
+    assert insertion[0] == 2 * insertion[1]
     assert "per-particle results" in two[0]["host"] and "per-particle results" not in two[1]["host"]
-    assert "reconstruction" in two[1]["device"] and "reconstruction" not in many[2]["device"]
+    # the half roots of one or two ranks reconstruct whole grids; more ranks, in slabs
+    assert "reconstruction temporaries" in two[1]["phases"]["reconstruction"]["device"]
+    assert "reconstruction temporaries" not in many[2]["phases"]["reconstruction"]["device"]
     assert many[2]["ranks"] == "ranks 2–5"
-    assert two[0]["gpu_only_host"] == 0 and many[0]["gpu_only_host"] > 0
+    assert all(r["gpu_only_host"] > 0 for r in two + many)   # MPI staging on GPU ranks
     # doubling the box multiplies the grids by about 8
-    big = memory_per_rank(128, 1000, 2)["roles"][1]["device"]["accumulators"]
-    assert 7.5 < big / two[1]["device"]["accumulators"] < 8.5
+    small = two[1]["phases"]["reconstruction"]["device"]["accumulators"]
+    big = memory_per_rank(128, 1000, 2)["roles"][1]["phases"]["reconstruction"]["device"]
+    assert 7.5 < big["accumulators"] / small < 8.5
     assert "total device" in format_memory(memory_per_rank(64, 1000, 6))
 
 

@@ -5,9 +5,12 @@ prints the particle count, the reference box and pixel size, the optics groups (
 with its own box and pixel size, and what refinement resamples it to), CTF ranges,
 whether poses, a half-set split and per-particle scales are present, the stacks the
 file refers to (missing ones included), notes (e.g. a stack header whose pixel size
-the metadata overrides), any problem a refinement would stop on, and the memory per
-rank that a refinement on N ranks needs.  `mpirefine info map.mrc`
-prints a map's or stack's box, pixel size and min/max/mean.  --json prints JSON.
+the metadata overrides), any problem a refinement would stop on, and the memory plan of
+a refinement on N ranks: each rank's peak in the search, insertion, symmetrisation and
+reconstruction, as RAM on a NumPy rank and as GPU memory on a GPU rank, what makes up
+the peak, and with --gpu-memory the image batch a GPU of that much free memory would
+take (docs/performance.md, "Memory").  `mpirefine info map.mrc` prints a map's or
+stack's box, pixel size and min/max/mean.  --json prints JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ def add_args(parser):
     parser.add_argument("path", metavar="FILE",
                         help="particles (.star, .cs) or a map / stack (.mrc, .mrcs, .map)")
     parser.add_argument("--ranks", type=int, default=2, metavar="N",
-                        help="MPI ranks of the planned refinement, for the memory estimate [2]")
-    parser.add_argument("--image-batch-size", type=int, default=256, metavar="N",
-                        help="images per rank at once, as in `refine` [256]")
+                        help="MPI ranks of the planned refinement, for the memory plan [2]")
+    parser.add_argument("--image-batch-size", type=int, default=None, metavar="N",
+                        help="images per rank at once, as in `refine` [256; with "
+                             "--gpu-memory the batch such a GPU would take]")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                        help="plan for GPU ranks with this much free GPU memory each (GiB): "
+                             "the image batch `refine` would pick there")
+    parser.add_argument("--symmetry", default="C1",
+                        help="point group the refinement enforces, as in `refine` [C1]")
     parser.add_argument("--project-dir", default=None,
                         help="folder that relative stack paths are resolved against")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,11 +53,20 @@ def main(args) -> int:
     logging.getLogger("mpirefine.io").setLevel(logging.ERROR)
     if args.ranks < 1:
         raise InputError(f"--ranks must be >= 1, got {args.ranks}")
-    if args.image_batch_size < 1:
+    if args.image_batch_size is not None and args.image_batch_size < 1:
         raise InputError(f"--image-batch-size must be >= 1, got {args.image_batch_size}")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise InputError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
+    from mpirefine.geometry.symmetry import group_order
+
+    try:
+        order = group_order(args.symmetry)
+    except ValueError as exc:
+        raise InputError(f"--symmetry {args.symmetry}: {exc}") from exc
     ext = os.path.splitext(args.path)[1].lower()
     if ext in (".star", ".cs"):
-        info = describe_particles(args.path, args.project_dir, args.ranks, args.image_batch_size)
+        info = describe_particles(args.path, args.project_dir, args.ranks, args.image_batch_size,
+                                  symmetry_order=order, gpu_memory_GiB=args.gpu_memory)
         text = format_particles(info)
     elif ext in MAP_EXTENSIONS:
         info = describe_map(args.path)
@@ -158,15 +176,26 @@ def _present(ps, star_labels, cs_fields) -> bool:
 
 
 def describe_particles(path: str, project_dir: str | None = None, n_ranks: int = 2,
-                       image_batch_size: int = 256) -> dict:
-    """Everything ``mpirefine info`` reports about a particle file, as a JSON-ready dict."""
+                       image_batch_size: int | None = None, symmetry_order: int = 1,
+                       gpu_memory_GiB: float | None = None) -> dict:
+    """Everything ``mpirefine info`` reports about a particle file, as a JSON-ready dict.
+
+    The memory plan (``memory``, :func:`mpirefine.report.memory.memory_plan`) is for
+    ``image_batch_size`` images per rank (default 256; with ``gpu_memory_GiB`` the batch
+    a GPU with that much free memory would take, ``memory["gpu"]``)."""
     import numpy as np
 
     from mpirefine.errors import InputError
     from mpirefine.io import read_particles
     from mpirefine.io.formats import resampling_steps
     from mpirefine.io.particles import check_duplicates
-    from mpirefine.report.memory import memory_per_rank, metadata_bytes
+    from mpirefine.report.memory import (
+        CPU_IMAGE_BATCH,
+        GiB,
+        choose_gpu_image_batch,
+        memory_plan,
+        metadata_bytes,
+    )
 
     ps = read_particles(path, project_dir=project_dir, require_stacks=False)
     stacks, problems = _stack_rows(ps)
@@ -227,8 +256,14 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
         "notes": [note for note in ps.notes if note not in problems], "problems": problems,
     }
     if ps.box:
-        info["memory"] = memory_per_rank(ps.box, n, n_ranks, image_batch_size,
-                                         metadata_bytes(ps))
+        gpu = None
+        if gpu_memory_GiB is not None:
+            gpu = choose_gpu_image_batch(ps.box, n_ranks, gpu_memory_GiB * GiB, symmetry_order)
+        batch = image_batch_size or (gpu["image_batch_size"] if gpu else CPU_IMAGE_BATCH)
+        info["memory"] = memory_plan(ps.box, n, n_ranks, batch, metadata_bytes(ps),
+                                     symmetry_order)
+        if gpu is not None:
+            info["memory"]["gpu"] = dict(gpu, free_GiB=gpu_memory_GiB)
     return info
 
 
@@ -297,7 +332,10 @@ def format_particles(info: dict) -> str:
     rows += [("", p) for p in info["problems"][1:]]
     text = _table(rows)
     if "memory" in info:
-        text += "\n\n" + format_memory(info["memory"])
+        text += "\n\n" + format_memory(info["memory"], info["memory"].get("gpu"))
+        if "gpu" not in info["memory"]:
+            text += ("\n(--gpu-memory GiB: the plan and image batch of GPU ranks with that "
+                     "much free memory)")
     return text
 
 

@@ -32,6 +32,7 @@ turned by R, is in ours; Rz(90°) would also do for Dn and for I).
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 
@@ -39,7 +40,6 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import array_namespace
-from mpirefine.fourier.backproject import hermitian_complete
 
 _PHI = (1.0 + 5.0 ** 0.5) / 2.0
 _NAME = re.compile(r"^(?:([CD])([1-9][0-9]*)|(T|O|I|I1|I2))$")
@@ -327,7 +327,12 @@ def to_asymmetric_unit(rotations, group) -> np.ndarray:
 
 # --- enforcement: symmetrising the backprojection sums ---------------------------------
 
+# Points whose per-operator temporaries (rotated coordinates, corners, weights, the
+# interpolated rows: about 250 bytes a point) are made at once: about 30 MB.
 _CHUNK = 1 << 17
+# Sphere points per slab of kz planes, whose coordinates, output indices and sums (about
+# 80 bytes a point) are made at once: about 20 MB (a slab has at least one plane).
+_SLAB_POINTS = 1 << 18
 
 
 def symmetrize_accumulator(data, weight, group):
@@ -341,42 +346,100 @@ def symmetrize_accumulator(data, weight, group):
     conjugate at −k), as RELION's BackProjector::symmetrise does.  Only the sphere
     |q| ≤ P/2 + 6 (every shell that reconstruction keeps) is filled; the corners of
     the cube beyond it are zero.  Runs on the arrays' own backend (NumPy or CuPy).
+
+    Memory: besides the inputs and the two outputs (24 bytes a voxel), one framed
+    table of the folded sums (24 bytes a voxel, :func:`_framed_table`) and, walking
+    the grid in slabs of kz planes (:func:`_slabs`), each slab's coordinates and
+    sums: tens of MB, whatever the box and the number of operators.  Each voxel sums
+    the operators in the group's order, so the result does not depend on the slabs.
     """
     xp = array_namespace(data)
     G = _as_group(group)
     P, nx = data.shape[0], data.shape[2]
     if data.shape != (P, P, P // 2 + 1) or weight.shape != data.shape:
         raise ValueError(f"expected (P, P, P//2+1) arrays, got {data.shape} and {weight.shape}")
-    data, weight = hermitian_complete(data, weight)
-    # (re, im, w) rows of a table framed by zero planes (one before and two after in
-    # z and y, two after in x) so every corner of a clipped point is a valid row
-    table = xp.zeros((P + 3, P + 3, nx + 2, 3), xp.float64)
-    table[1:P + 1, 1:P + 1, :nx, 0] = data.real
-    table[1:P + 1, 1:P + 1, :nx, 1] = data.imag
-    table[1:P + 1, 1:P + 1, :nx, 2] = weight
-    table = table.reshape(-1, 3)
+    table = _framed_table(data, weight, xp)
     strides = ((P + 3) * (nx + 2), nx + 2, 1)
-
-    kz, ky, kx = xp.meshgrid(xp.arange(P) - P // 2, xp.arange(P) - P // 2, xp.arange(nx),
-                             indexing="ij")
-    inside = (kx * kx + ky * ky + kz * kz).ravel() <= (P / 2 + 6) ** 2
-    where = xp.nonzero(inside)[0]
-    q = xp.stack([kx.ravel()[where], ky.ravel()[where], kz.ravel()[where]]).astype(xp.float64)
-    total = xp.zeros((where.shape[0], 3), xp.float64)
+    out_d = xp.zeros(data.shape, xp.complex128)
+    out_w = xp.zeros(data.shape, xp.float64)
+    flat_d, flat_w = out_d.reshape(-1), out_w.reshape(-1)
+    lengths = _sphere_row_lengths(P, nx)
     Gx = xp.asarray(G)
-    for s in range(0, where.shape[0], _CHUNK):
-        qs = q[:, s:s + _CHUNK]
-        for g in Gx:
-            total[s:s + _CHUNK] += _trilinear_rows(table, g @ qs, P, nx, strides, xp)
-    out_d = xp.zeros(P * P * nx, xp.complex128)
-    out_w = xp.zeros(P * P * nx, xp.float64)
-    out_d[where] = total[:, 0] + 1j * total[:, 1]
-    out_w[where] = total[:, 2]
-    out_d, out_w = out_d.reshape(data.shape), out_w.reshape(data.shape)
+    for z0, z1 in _slabs(lengths, _SLAB_POINTS):
+        index, q = _slab_points(lengths[z0:z1], z0, P, nx, xp)
+        for s in range(0, q.shape[1], _CHUNK):
+            qs = q[:, s:s + _CHUNK]
+            total = xp.zeros((qs.shape[1], 3), xp.float64)
+            for g in Gx:
+                total += _trilinear_rows(table, g @ qs, P, nx, strides, xp)
+            at = index[s:s + _CHUNK]
+            flat_d[at] = total[:, 0] + 1j * total[:, 1]
+            flat_w[at] = total[:, 2]
     # the sum is Hermitian on kx = 0; halve it there so that folding restores it
     out_d[:, :, 0] *= 0.5
     out_w[:, :, 0] *= 0.5
     return out_d, out_w
+
+
+def _framed_table(data, weight, xp):
+    """(re, im, w) rows, float64, of the sums with their kx = 0 plane folded onto its
+    Hermitian mates (as :func:`~mpirefine.fourier.backproject.hermitian_complete`
+    folds it, in the table itself: no copy of the arrays), framed by zero planes (one
+    before and two after in z and y, two after in x) so that every corner of a
+    clipped point is a valid row.  Shape ((P + 3)² (nx + 2), 3)."""
+    P, nx = data.shape[0], data.shape[2]
+    table = xp.zeros((P + 3, P + 3, nx + 2, 3), xp.float64)
+    table[1:P + 1, 1:P + 1, :nx, 0] = data.real
+    table[1:P + 1, 1:P + 1, :nx, 1] = data.imag
+    table[1:P + 1, 1:P + 1, :nx, 2] = weight
+    plane = table[1:P + 1, 1:P + 1, 0, :]                  # kx = 0, (P, P, 3), a view
+    mate = (P - xp.arange(P)) % P
+    mates = plane[mate][:, mate]                           # the plane at -k, a copy
+    plane[:, :, 0] += mates[:, :, 0]                       # D(k) + conj(D(-k)), W(k) + W(-k)
+    plane[:, :, 1] -= mates[:, :, 1]
+    plane[:, :, 2] += mates[:, :, 2]
+    return table.reshape(-1, 3)
+
+
+def _sphere_row_lengths(P: int, nx: int) -> np.ndarray:
+    """(P, P) int64 on the host: how many points kx = 0, 1, ... of each row (kz, ky)
+    satisfy kx² + ky² + kz² ≤ (P/2 + 6)² (a prefix of the row: the sphere that
+    :func:`symmetrize_accumulator` fills)."""
+    k = np.arange(P, dtype=np.int64) - P // 2
+    rest = int(math.floor((P / 2 + 6) ** 2)) - (k[:, None] ** 2 + k[None, :] ** 2)
+    root = np.floor(np.sqrt(np.maximum(rest, 0))).astype(np.int64)
+    root += (root + 1) ** 2 <= rest                          # exact integer square root
+    root -= root ** 2 > rest
+    return np.where(rest >= 0, np.minimum(root + 1, nx), 0)
+
+
+def _slabs(lengths: np.ndarray, points: int) -> list[tuple[int, int]]:
+    """Runs (z0, z1) of kz planes holding at most ``points`` sphere points each (at
+    least one plane each; planes without points are skipped)."""
+    per_plane = lengths.sum(axis=1)
+    out, z0, count = [], 0, 0
+    for z in range(len(per_plane)):
+        if z > z0 and count + per_plane[z] > points:
+            out.append((z0, z))
+            z0, count = z, 0
+        count += int(per_plane[z])
+    out.append((z0, len(per_plane)))
+    return [(a, b) for a, b in out if per_plane[a:b].sum() > 0]
+
+
+def _slab_points(lengths: np.ndarray, z0: int, P: int, nx: int, xp):
+    """The sphere points of planes z0 .. z0 + len(lengths), in C order of the grid:
+    their flat indices in the (P, P, nx) arrays, (m,) int64, and their coordinates
+    q = (kx, ky, kz), (3, m) float64, made on the device from the rows' lengths
+    (host, (planes, P)): no mask, no read back."""
+    ends = np.cumsum(lengths.reshape(-1))
+    m = int(ends[-1])
+    p = xp.arange(m, dtype=xp.int64)
+    row = xp.searchsorted(xp.asarray(ends), p, side="right")          # row of each point
+    kx = p - xp.asarray(ends - lengths.reshape(-1))[row]
+    index = (row + z0 * P) * nx + kx
+    q = xp.stack([kx, row % P - P // 2, row // P + (z0 - P // 2)]).astype(xp.float64)
+    return index, q
 
 
 def _trilinear_rows(table, p, P, nx, strides, xp):
