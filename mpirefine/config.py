@@ -65,11 +65,21 @@ class RefineConfig:
     defocus_min_resolution_A: float = 20.0      # lowest frequency the defocus fit uses
     defocus_start_resolution_A: float = 8.0     # fit once the GSFSC is finer than this
     optimize_ctf_global: bool = False
+    ctf_fit_tilt: bool = True                   # --optimize-ctf-global: beam tilt
+    ctf_fit_trefoil: bool = True                # ... and trefoil (CryoSPARC v4's defaults)
+    ctf_fit_spherical: bool = False             # not supported yet
+    ctf_fit_tetrafoil: bool = False             # not supported yet
+    ctf_fit_anisomag: bool = False              # not supported yet
+    ctf_min_resolution_A: float = 10.0          # lowest frequency the global CTF fit uses
+    ctf_start_resolution_A: float = 8.0         # fit once the GSFSC is finer than this
     ewald_correction: bool = False
     # "negative" (the default) or "positive"; with --ewald-correction only
     ewald_curvature: str | None = None
     # computation (no effect on results)
     image_batch_size: int = 256
+    # True unless --image-batch-size was given: a GPU rank then takes the largest batch
+    # its free memory holds (cli/refine.py, report/memory.py); NumPy keeps image_batch_size
+    image_batch_auto: bool = True
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
@@ -123,7 +133,8 @@ class RefineConfig:
         if self.symmetry_relaxation not in RELAXATION_METHODS:
             raise InputError(f"--symmetry-relaxation must be one of {RELAXATION_METHODS}")
         for name in ("defocus_search_range_A", "defocus_min_resolution_A",
-                     "defocus_start_resolution_A"):
+                     "defocus_start_resolution_A", "ctf_min_resolution_A",
+                     "ctf_start_resolution_A"):
             if not getattr(self, name) > 0:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.ewald_curvature not in (None, "negative", "positive"):
@@ -140,7 +151,16 @@ class RefineConfig:
                             f"{self.symmetry_relaxation} is not supported yet (relaxation by "
                             "marginalization already weights the symmetry-related poses)")
         if self.optimize_ctf_global:
-            problems.append("--optimize-ctf-global: global CTF refinement is not supported yet")
+            for flag, name in (("ctf_fit_spherical", "--fit-spherical-aberration"),
+                               ("ctf_fit_tetrafoil", "--fit-tetrafoil"),
+                               ("ctf_fit_anisomag", "--fit-anisomag")):
+                if getattr(self, flag):
+                    problems.append(f"{name}: only beam tilt and trefoil (--fit-tilt, "
+                                    "--fit-trefoil) are fitted so far; this term is not "
+                                    "supported yet")
+            if not (self.ctf_fit_tilt or self.ctf_fit_trefoil):
+                problems.append("--optimize-ctf-global with --no-fit-tilt and --no-fit-trefoil "
+                                "fits nothing: turn one on")
         if self.ewald_correction:
             problems.append("--ewald-correction: Ewald sphere correction is not supported yet")
         return problems

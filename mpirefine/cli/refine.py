@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from mpirefine.errors import InputError
+
 B = argparse.BooleanOptionalAction
 
 
@@ -110,14 +112,37 @@ def add_args(parser):
                    default=8.0, metavar="Å",
                    help="defocus is refined once the GSFSC resolution is finer than this, Å [8]")
     g.add_argument("--optimize-ctf-global", action=B, default=False,
-                   help="per-group higher-order CTF refinement (not supported yet) [off]")
+                   help="per-optics-group odd aberrations (beam tilt, trefoil): fitted after "
+                        "each iteration from the particles at their poses, as relion_ctf_refine "
+                        "--fit_beamtilt --odd_aberr_max_n 3 does, and applied to the images "
+                        "from the next iteration on [off]")
+    g.add_argument("--fit-tilt", dest="ctf_fit_tilt", action=B, default=True,
+                   help="with --optimize-ctf-global: fit beam tilt (rlnBeamTiltX/Y, mrad) [on]")
+    g.add_argument("--fit-trefoil", dest="ctf_fit_trefoil", action=B, default=True,
+                   help="with --optimize-ctf-global: fit trefoil (rlnOddZernike) [on]")
+    g.add_argument("--fit-spherical-aberration", dest="ctf_fit_spherical", action=B,
+                   default=False, help="fit a Cs error (not supported yet) [off]")
+    g.add_argument("--fit-tetrafoil", dest="ctf_fit_tetrafoil", action=B, default=False,
+                   help="fit tetrafoil (not supported yet) [off]")
+    g.add_argument("--fit-anisomag", dest="ctf_fit_anisomag", action=B, default=False,
+                   help="fit anisotropic magnification (not supported yet) [off]")
+    g.add_argument("--ctf-min-resolution", dest="ctf_min_resolution_A", type=float,
+                   default=10.0, metavar="Å",
+                   help="lowest resolution the global CTF fit uses, Å; the highest is the "
+                        "current GSFSC resolution [10]")
+    g.add_argument("--ctf-start-resolution", dest="ctf_start_resolution_A", type=float,
+                   default=8.0, metavar="Å",
+                   help="the global CTF fit starts once the GSFSC resolution is finer than "
+                        "this, Å [8]")
     g.add_argument("--ewald-correction", action=B, default=False,
                    help="Ewald sphere correction (not supported yet) [off]")
     g.add_argument("--ewald-curvature", default=None, choices=["negative", "positive"],
                    help="Ewald sphere curvature sign, with --ewald-correction only [negative]")
     g = p.add_argument_group("computation (no effect on results)")
-    g.add_argument("--image-batch-size", type=int, default=256, metavar="N",
-                   help="images processed at once per rank (GPU batch size of images) [256]")
+    g.add_argument("--image-batch-size", type=int, default=None, metavar="N",
+                   help="images processed at once per rank [256 on the CPU; on a GPU the "
+                        "largest power of two up to 1024 that fits its free memory, by the "
+                        "memory plan of `mpirefine info PARTICLES --ranks N`]")
     g.add_argument("--seed", type=int, default=0, help="seed for the split and minibatches [0]")
     add_device_args(p)
 
@@ -131,6 +156,10 @@ def config_from_args(args):
                          "(or --continue DIR to resume one)")
     values = {k: v for k, v in vars(args).items() if k in RefineConfig.field_names()}
     values["out_dir"] = args.out
+    # not given: a GPU rank takes what its memory holds (choose_image_batch), NumPy 256
+    values["image_batch_auto"] = values.get("image_batch_size") is None
+    if values["image_batch_auto"]:
+        values["image_batch_size"] = RefineConfig.image_batch_size
     return RefineConfig(**values)
 
 
@@ -171,6 +200,7 @@ def main(args) -> int:
         prepare_out_dir(cfg.out_dir, cfg.overwrite)
     par.barrier()
     cfg = replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
+    cfg = choose_image_batch(cfg, par, log)
     try:
         refine.run(cfg, par, log, resume=resume)
     except refine.Preempted as stop:
@@ -178,4 +208,126 @@ def main(args) -> int:
         # 143, which says a rank was killed or aborted by SIGTERM without that promise.
         log.warning(str(stop))
         return EXIT_PREEMPTED
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise OutOfMemory(out_of_memory_message(exc, cfg, par)) from exc
+        raise
     return 0
+
+
+# --------------------------------------------------------------------- memory
+
+def _box(cfg) -> int | None:
+    """The reference box: --box, else the initial volume's (its header only)."""
+    if cfg.box_px:
+        return int(cfg.box_px)
+    try:
+        from mpirefine.io.mrc import stack_info
+
+        return int(stack_info(cfg.volume).nx)
+    except Exception:  # a missing or broken volume is reported when it is read
+        return None
+
+
+def choose_image_batch(cfg, par, log):
+    """``cfg`` with the image batch a GPU rank can hold, when --image-batch-size was not
+    given: the largest power of two up to 1024 whose search and insertion fit in 80 % of
+    the GPU's free memory (shared by the node's ranks on the same GPU), by the memory
+    plan (report/memory.py), the smallest over all GPU ranks so every rank batches
+    alike.  NumPy ranks keep 256.  Collective."""
+    from dataclasses import replace
+
+    from mpirefine import backend
+    from mpirefine.geometry.symmetry import group_order
+    from mpirefine.report.memory import choose_gpu_image_batch, gpu_batch_line
+
+    if not cfg.image_batch_auto:
+        return cfg
+    choice, device, box = None, None, None
+    try:
+        _xp, device = backend.choose_device(cfg.device, par.local_rank())
+    except RuntimeError:   # --gpu without a usable GPU: refine reports it in one line
+        device = None
+    if device is not None:
+        box = _box(cfg)
+    if box:
+        free, _total = backend.device_memory(device)
+        sharing = backend.ranks_per_device(par.local_size(), device, backend.gpu_device_count())
+        order = group_order(cfg.symmetry) if cfg.symmetry_relaxation == "none" else 1
+        choice = choose_gpu_image_batch(box, par.size, free, order, sharing)
+    batch = par.allreduce_obj(choice["image_batch_size"] if choice else 1 << 30, op="min")
+    first = par.allreduce_obj(par.rank if choice else par.size, op="min")
+    if choice is None:
+        return cfg
+    if par.rank == first:
+        log.info(gpu_batch_line(dict(choice, image_batch_size=batch)))
+    return replace(cfg, image_batch_size=int(batch))
+
+
+class OutOfMemory(InputError):
+    """A rank ran out of host or GPU memory (one line: what to lower)."""
+
+
+# Where in the code a phase's arrays are made: the innermost of these functions on the
+# stack names the phase that ran out (the memory plan's phases, report/memory.py).
+_PHASE_OF_FUNCTION = {
+    "symmetrize_accumulator": "symmetrisation",
+    "volume_ft": "reference transform", "gather_table": "reference transform",
+    "reconstruct": "reconstruction", "reconstruct_root_pair": "reconstruction",
+    "reconstruct_slabs": "reconstruction", "full_map": "reconstruction",
+    "final_full_map": "reconstruction", "update_references": "reconstruction",
+    "next_references": "reconstruction", "steering_fsc": "reconstruction",
+    "pack_sphere": "reconstruction", "finish": "reconstruction", "fsc_suite": "reconstruction",
+    "insert_particles": "insertion", "insert": "insertion", "trilinear_stencil": "insertion",
+    "residual_power_sums": "insertion",
+    "run_search": "search", "search_poses": "search", "search_reference": "search",
+    "prepare_reference": "search", "projection_tables": "search", "search_defocus": "search",
+    "prepare_images": "search", "ctf_grid": "search", "batches": "search",
+}
+_BATCH_PHASES = ("search", "insertion")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError (NumPy's allocations), CuPy's OutOfMemoryError (told by its class
+    name: cupy is not imported on the CPU), or a cuFFT / cuBLAS allocation failure."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return "ALLOC_FAILED" in str(exc)
+
+
+def memory_phase(exc: BaseException) -> str | None:
+    """The phase that ran out of memory: the innermost function of ``exc``'s traceback
+    that :data:`_PHASE_OF_FUNCTION` knows; None if none is on the stack."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.name in _PHASE_OF_FUNCTION:
+            return _PHASE_OF_FUNCTION[frame.name]
+    return None
+
+
+def out_of_memory_message(exc: BaseException, cfg, par) -> str:
+    """One line: where memory ran out and which option to lower."""
+    gpu = not isinstance(exc, MemoryError) or type(exc).__module__.startswith("cupy")
+    what = "GPU memory" if gpu else "memory"
+    phase = memory_phase(exc)
+    where = f" in the {phase}" if phase else ""
+    rank = f" on rank {par.rank} of {par.size}" if par.size > 1 else ""
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    plan = (f"`mpirefine info {cfg.particles} --ranks {par.size}` shows the memory plan")
+    if phase in _BATCH_PHASES or phase is None:
+        smaller = max(1, cfg.image_batch_size // 2)
+        fix = (f"lower --image-batch-size (it was {cfg.image_batch_size}; try {smaller})")
+        if phase is None:
+            fix += ("; if it is the reconstruction, use more ranks per half set or a "
+                    "smaller box (--box)")
+    elif phase == "symmetrisation":
+        fix = ("symmetrising holds three accumulator-sized grids per half set: use a smaller "
+               "box (--box with --pixel-size), or a node with more memory")
+    else:
+        fix = ("it needs whole padded grids of the box: use more ranks per half set (from 3 "
+               "ranks on, each half's reconstruction is split among its ranks) or a smaller "
+               "box (--box with --pixel-size)")
+    return f"out of {what}{where}{rank} ({detail}): {fix}; {plan}"

@@ -80,6 +80,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                      help="amplitude contrast fraction (default: %(default)s)")
     sim.add_argument("--ctf-bfactor", type=float, default=0.0, metavar="Å²",
                      help="CTF envelope B-factor, Å² (default: %(default)s)")
+    sim.add_argument("--beam-tilt", type=float, nargs=2, default=(0.0, 0.0),
+                     metavar=("X", "Y"),
+                     help="beam tilt of the microscope (mrad), in the images and in "
+                          "particles_true.star only (refine --optimize-ctf-global finds it) [0 0]")
+    sim.add_argument("--trefoil", type=float, nargs=2, default=(0.0, 0.0), metavar=("A", "B"),
+                     help="trefoil: coefficients of RELION's odd Zernike terms Z3⁻³, Z3³ "
+                          "(rad·Å³), likewise [0 0]")
     sim.add_argument("--stack-size", type=int, default=1000, metavar="N",
                      help="images per .mrcs stack, also the batch held in memory "
                      "(default: %(default)s)")
@@ -164,7 +171,8 @@ def main(args: argparse.Namespace) -> int:
         astigmatism_A=args.astigmatism_A, shift_sigma_A=args.shift_sigma_A,
         voltage_kV=args.voltage_kV, cs_mm=args.cs_mm,
         amplitude_contrast=args.amplitude_contrast, bfactor_A2=args.ctf_bfactor,
-        seed=args.seed, stack_size=args.stack_size, overwrite=True, source=what)
+        seed=args.seed, stack_size=args.stack_size, overwrite=True, source=what,
+        beam_tilt_mrad=tuple(args.beam_tilt), trefoil=tuple(args.trefoil))
     noise = ("no noise" if not math.isfinite(args.snr)
              else f"SNR {args.snr:g}, noise sigma {result.noise_sigma:.4g}")
     print(f"simulated {args.n_particles} particles of {what}\n"

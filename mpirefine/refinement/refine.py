@@ -35,6 +35,7 @@ from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_particles, read_volume
+from mpirefine.physics.aberrations import input_odd_aberrations
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
 from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.postprocess.masks import dynamic_mask
@@ -112,11 +113,17 @@ def build_job(cfg: RefineConfig, par, log) -> Job:
         extent = extent_mask(reference, prep.pixel_size_A, cfg.initial_lowpass_A,
                              cfg.dynamic_mask_threshold, cfg.dynamic_mask_near,
                              cfg.dynamic_mask_far, cfg.window_outer)
-    return Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
-               references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, prep.box),
-               state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
-               resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
-               symmetry_alignment=alignment, extent_mask=extent)
+    job = Job(cfg=cfg, par=par, xp=xp, particles=ps, split=split, prep=prep,
+              references={h: reference for h in (0, 1)}, noise=NoiseModel.constant(1.0, prep.box),
+              state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
+              resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
+              symmetry_alignment=alignment, extent_mask=extent)
+    odd = input_odd_aberrations(ps)
+    if odd:
+        job.set_odd_aberrations(odd)
+        log.info(f"odd aberrations (beam tilt, trefoil) of optics group(s) {sorted(odd)} from "
+                 f"{cfg.particles} are applied to their images")
+    return job
 
 
 def prepare(cfg: RefineConfig, par, log) -> Job:
@@ -188,7 +195,7 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
         scales = []
         with open_images(ps) as source:
             for idx, images in source.batches(mine, job.cfg.image_batch_size):
-                f = prepare_images(images, job.prep, xp, ps.image_grid(idx))
+                f = job.demodulate(idx, prepare_images(images, job.prep, xp, ps.image_grid(idx)))
                 c = ctf_grid(ps.ctf.subset(idx), job.prep, xp, ps.image_grid(idx))
                 res = run_search(vft, f, c, job.noise, np.ones(len(idx)), plan)
                 scales.append(np.asarray(res.optimal_scale))
@@ -234,6 +241,9 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                        relaxation=cfg.symmetry_relaxation)
     weights = job.noise.pixel_weights(n, xp)
     defocus = job.refines_defocus()
+    # --optimize-ctf-global: per optics group, Σ c conj(aP) X and Σ c² |aP|² per pixel
+    job.odd_sums = {} if job.refines_ctf_global() else None
+    fit_refs = job.opposite_references() if job.odd_sums is not None else None
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
@@ -250,6 +260,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
             vft = volume_ft(ref, pad=PAD)
             lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
             shared = search_reference(vft, plan, lattice, job.symmetry, cfg.symmetry_relaxation)
+            fit_vft = volume_ft(fit_refs[half], pad=PAD) if fit_refs is not None else None
             batches = source.batches(mine, cfg.image_batch_size)
             while True:
                 with timer("reading"):  # waiting for images, which are read one batch ahead
@@ -259,7 +270,8 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                 idx, images = batch
                 with timer("preparation"):
                     grid = ps.image_grid(idx)
-                    f = prepare_images(images, job.prep, xp, grid)
+                    raw, f_insert = prepare_images(images, job.prep, xp, grid, unwindowed=True)
+                    f, f_insert = job.demodulate(idx, raw, f_insert)
                     params = job.ctf_params(idx)
                     c = ctf_grid(params, job.prep, xp, grid)
                 with timer("search"):
@@ -281,19 +293,145 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                         c = ctf_grid(params, job.prep, xp, grid)
                 with timer("backprojection"):
                     if plan.marginalize:
-                        insert_particles(acc, f, c, weights, res.candidate_rotations,
+                        insert_particles(acc, f_insert, c, weights, res.candidate_rotations,
                                          res.candidate_shifts_px, scale, res.posterior)
                     else:
-                        insert_particles(acc, f, c, weights, res.rotations, res.shifts_px, scale)
+                        insert_particles(acc, f_insert, c, weights, res.rotations, res.shifts_px,
+                                         scale)
                     p, k = residual_power_sums(vft, f, c, res.rotations, res.shifts_px, scale)
                     power += p
                     counts += k
+                if job.odd_sums is not None:
+                    with timer("ctf_global"):
+                        add_odd_sums(job, fit_vft, idx, raw, c, res, scale)
                 results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood, change))
             accs[half] = acc
             if on_accumulator is not None:
                 on_accumulator(half, acc)
     collect_particle_results(job, results)
     return accs, power, counts
+
+
+def with_odd_aberrations(ps, coefficients: dict, log=None):
+    """The particle set with its optics table carrying the fitted odd aberrations, as
+    relion_ctf_refine writes them: rlnBeamTiltX/Y (mrad) and rlnOddZernike (what is left
+    once the tilt is taken out: shift and trefoil)."""
+    from mpirefine.physics.aberrations import format_zernike, zernike_to_tilt
+    from mpirefine.physics.ctf import electron_wavelength_A
+
+    if ps._star_optics is None:
+        if log is not None:
+            log.warning("the fitted beam tilt and trefoil are in summary.json only: the input "
+                        "has no RELION optics table to carry them (write a STAR input)")
+        return ps
+    optics = ps._star_optics.copy()
+    for column in ("rlnBeamTiltX", "rlnBeamTiltY"):
+        if column not in optics.columns:
+            optics[column] = 0.0
+    if "rlnOddZernike" not in optics.columns:
+        optics["rlnOddZernike"] = format_zernike(np.zeros(6))
+    optics["rlnOddZernike"] = optics["rlnOddZernike"].astype(object)
+    for i, row in optics.iterrows():
+        g = int(row["rlnOpticsGroup"])
+        if g not in coefficients:
+            continue
+        tx, ty, rest = zernike_to_tilt(coefficients[g], float(row["rlnSphericalAberration"]),
+                                       float(electron_wavelength_A(float(row["rlnVoltage"]))))
+        optics.at[i, "rlnBeamTiltX"] = tx
+        optics.at[i, "rlnBeamTiltY"] = ty
+        optics.at[i, "rlnOddZernike"] = format_zernike(rest)
+    return dataclasses.replace(ps, _star_optics=optics)
+
+
+def add_odd_sums(job: Job, vft, idx, raw, c, res, scale) -> None:
+    """Add a batch to each optics group's odd-aberration sums (the images as they were
+    recorded, not demodulated, so the fit gives the group's whole odd phase)."""
+    from mpirefine.physics.aberrations import odd_aberration_sums
+
+    groups = np.asarray(job.particles.optics_group)[idx]
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        on = job.xp.asarray(rows)
+        xy, w = odd_aberration_sums(vft, raw[on], c[on], res.rotations[rows],
+                                    res.shifts_px[rows], np.asarray(scale)[rows])
+        old = job.odd_sums.get(int(g))
+        job.odd_sums[int(g)] = (xy, w) if old is None else (old[0] + xy, old[1] + w)
+
+
+def fit_ctf_global(job: Job, iteration: int) -> dict | None:
+    """--optimize-ctf-global after an iteration: every rank's odd-aberration sums summed,
+    each optics group's beam tilt and trefoil fitted on world rank 0 (frequencies from
+    --ctf-min-resolution to this iteration's GSFSC resolution, weighted as
+    relion_ctf_refine weights them: by the GSFSC, zero where it is below 0.143), and the
+    new coefficients applied on every rank from the next iteration on.  Collective;
+    returns {group: fit} for the history (None when there was no fit)."""
+    from mpirefine.fourier.transforms import freq_grid_2d
+    from mpirefine.physics.aberrations import fit_odd_aberrations
+    from mpirefine.physics.ctf import electron_wavelength_A
+
+    par, n = job.par, job.prep.box
+    if job.odd_sums is None:
+        return None
+    groups = sorted({int(g) for g in np.unique(job.particles.optics_group)})
+    packed = np.zeros((len(groups), 3, n, n // 2 + 1))
+    for k, g in enumerate(groups):
+        if g in job.odd_sums:
+            xy, w = job.odd_sums[g]
+            packed[k] = (xy.real, xy.imag, w)
+    packed = par.allreduce_obj(packed)
+    job.odd_sums = None
+    fits = None
+    if par.is_root:
+        ky, kx = freq_grid_2d(n, np)
+        kx_A, ky_A = kx / (n * job.prep.pixel_size_A), ky / (n * job.prep.pixel_size_A)
+        k = np.hypot(kx_A, ky_A)
+        fsc = np.asarray(job.steering.fsc, float)
+        shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
+        weight = np.where(fsc[shell] >= 0.143, fsc[shell], 0.0)
+        weight *= (k >= 1.0 / job.cfg.ctf_min_resolution_A) & (k <= 1.0 / job.resolution_A)
+        fits = {}
+        for j, g in enumerate(groups):
+            rows = np.flatnonzero(job.particles.optics_group == g)
+            ctf = job.particles.ctf.subset(rows[:1])
+            fit = fit_odd_aberrations(packed[j, 0] + 1j * packed[j, 1], packed[j, 2], kx_A, ky_A,
+                                      weight, float(ctf.cs_mm[0]),
+                                      float(electron_wavelength_A(ctf.voltage_kV[0])),
+                                      job.cfg.ctf_fit_tilt, job.cfg.ctf_fit_trefoil)
+            fits[g] = fit
+            job.log.info(f"iteration {iteration:3d}  optics group {g}: beam tilt "
+                         f"({fit.tilt_x_mrad:+.3f}, {fit.tilt_y_mrad:+.3f}) mrad, trefoil "
+                         f"({fit.trefoil[0]:+.1f}, {fit.trefoil[1]:+.1f}) rad·Å³ "
+                         f"from {fit.pixels} pixels")
+    fits = par.bcast_obj(fits, root=0)
+    job.set_odd_aberrations({g: f.coefficients for g, f in fits.items() if f.pixels})
+    return {str(g): f.as_dict() for g, f in fits.items()}
+
+
+CTF_SETTLED_MRAD = 0.05        # beam tilt change between the last two fits
+CTF_SETTLED_TREFOIL = 0.05     # relative trefoil change
+
+
+def ctf_global_settled(job: Job) -> bool:
+    """True unless --optimize-ctf-global is on and its fits have not settled: none yet
+    while the start resolution is reached, or the last two differ by more than 0.05 mrad
+    of beam tilt or 5 % of trefoil in some optics group."""
+    if not job.cfg.optimize_ctf_global:
+        return True
+    fits = [h["ctf_global"] for h in job.history if h.get("ctf_global")]
+    if not fits:
+        return not job.refines_ctf_global()
+    if len(fits) < 2:
+        return False
+    for g, new in fits[-1].items():
+        old = fits[-2].get(g)
+        if old is None:
+            return False
+        tilt = np.hypot(new["beam_tilt_x_mrad"] - old["beam_tilt_x_mrad"],
+                        new["beam_tilt_y_mrad"] - old["beam_tilt_y_mrad"])
+        tre = np.hypot(*np.subtract(new["trefoil"], old["trefoil"]))
+        if tilt > CTF_SETTLED_MRAD or tre > CTF_SETTLED_TREFOIL * max(np.hypot(*new["trefoil"]), 1.0):
+            return False
+    return True
 
 
 def collect_particle_results(job: Job, results: list) -> None:
@@ -461,13 +599,19 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
             noise_sums = noise_sums.wait()
             job.noise = model_from_sums(noise_sums[:len(power)], noise_sums[len(power):],
                                         constant=False)
+            ctf_global = fit_ctf_global(job, iteration)
             res = job.resolution_A
             seconds = time.time() - t0
             job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
                                 "full_pass": full, "resolution_A": res, "seconds": seconds,
                                 "alignment_resolution_A": job.alignment_resolution_A(),
-                                **job.steering.record()})
+                                **job.steering.record(),
+                                **({"ctf_global": ctf_global} if ctf_global else {})})
             stop = rule.update(res, full)
+            if stop and not ctf_global_settled(job):
+                # the fitted aberrations still move: the refinement is not over (as
+                # CryoSPARC, which refines CTF once the poses have converged, then goes on)
+                rule.converged, rule.remaining, stop = False, 0, False
             if stop or iteration == cfg.max_iterations:
                 job.full_map = final_full_map(job, sums)
             del sums
@@ -644,6 +788,8 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
                  f"{suite.resolution_A['no_mask']:.2f} Å; B-factor {guinier.bfactor_A2:.0f} Å²")
     st = job.state
     refined = dataclasses.replace(job.particles, ctf=job.ctf_params(np.arange(len(job.particles))))
+    if cfg.optimize_ctf_global and job.odd_aberrations:
+        refined = with_odd_aberrations(refined, job.odd_aberrations, log=job.log)
     write_particles(out, refined, st.rotations, st.shifts_px * px, job.split, st.scale)
     summary = {
         "command": "refine",
@@ -661,6 +807,9 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         "n_particles_aligned": int(st.aligned.sum()),
         "converged": bool(rule.converged),
         "defocus_refinement": defocus_summary(job),
+        # --optimize-ctf-global: each optics group's last fit (per iteration: "iterations")
+        "ctf_global": next((h["ctf_global"] for h in reversed(job.history)
+                            if h.get("ctf_global")), None),
         "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,
         "box": n, "pixel_size_A": px,
         "n_ranks": job.par.size,

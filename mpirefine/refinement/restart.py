@@ -59,6 +59,10 @@ def resume(job: Job) -> tuple[Convergence, int]:
     job.resolution_A = small["resolution_A"]
     job.history = list(small["history"])
     job.greyscale_factor = small["greyscale_factor"]
+    fitted = [h["ctf_global"] for h in job.history if h.get("ctf_global")]
+    if fitted:                        # --optimize-ctf-global: the latest fit goes on
+        job.set_odd_aberrations({int(g): f["odd_zernike"] for g, f in fitted[-1].items()
+                                 if f["pixels"]})
     if ckpt is not None:
         job.half_maps, job.regularised_maps = ckpt.half_maps, ckpt.regularised_maps
         job.fsc, job.next_references = ckpt.fsc, ckpt.references

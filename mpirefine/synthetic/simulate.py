@@ -35,7 +35,8 @@ from mpirefine.fourier.transforms import freq_grid_2d
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.mrc import write_mrc, write_stack
 from mpirefine.io.star import write_relion_star
-from mpirefine.physics.ctf import CTFParams, evaluate_ctf
+from mpirefine.physics.aberrations import format_zernike, odd_phase, tilt_to_zernike
+from mpirefine.physics.ctf import CTFParams, electron_wavelength_A, evaluate_ctf
 
 START_RESOLUTION_A = 20.0
 MIN_BOX = 16
@@ -60,6 +61,8 @@ class SimulationParams:
     bfactor_A2: float = 0.0           # CTF envelope B-factor
     seed: int = 0
     stack_size: int = 1000
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)   # written to particles_true.star only
+    trefoil: tuple[float, float] = (0.0, 0.0)          # Z3⁻³, Z3³ (rad·Å³), likewise
 
     def validate(self, box: int) -> None:
         """Raise InputError naming the first bad parameter."""
@@ -128,13 +131,19 @@ def _draw_truth(p: SimulationParams):
     return angles, rotations, origins, ctf, subset, streams[4]
 
 
-def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float):
+def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
+                 odd_zernike=None):
     """Noise-free particles (m, n, n) float32: CTF · projection, shifted by -origin.
 
     rotations: (m, 3, 3) RELION matrices; origins_A: (m, 2); ctf: length m.
+    odd_zernike: (6,) odd aberrations (beam tilt, trefoil; physics/aberrations.py) that
+    modulate the projections by exp(+i φ), as the microscope does.
     """
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
+    odd = 1.0
+    if odd_zernike is not None and np.any(odd_zernike):
+        odd = np.exp(1j * odd_phase(odd_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A)))
     batch = max(1, _SAMPLES_PER_BATCH // (n * (n // 2 + 1)))
     out = np.empty((len(rotations), n, n), dtype=np.float32)
     for s in range(0, len(rotations), batch):
@@ -142,7 +151,7 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float)
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx / (n * pixel_size_A),
                          ky / (n * pixel_size_A))
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
-                                 ctf=c)
+                                 ctf=c * odd)
     return out
 
 
@@ -176,7 +185,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                      shift_sigma_A: float = 3.0, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                      amplitude_contrast: float = 0.1, bfactor_A2: float = 0.0, seed: int = 0,
                      stack_size: int = 1000, overwrite: bool = False,
-                     source: str | None = None) -> SimulationResult:
+                     source: str | None = None, beam_tilt_mrad=(0.0, 0.0),
+                     trefoil=(0.0, 0.0)) -> SimulationResult:
     """Simulate ``n_particles`` images of ``volume`` (n, n, n) [z, y, x] at ``pixel_size_A``.
 
     snr: signal variance / noise variance over the box (math.inf: no noise).
@@ -193,7 +203,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
     p = SimulationParams(int(n_particles), float(pixel_size_A), float(snr),
                          tuple(float(d) for d in defocus_range_um), float(astigmatism_A),
                          float(shift_sigma_A), float(voltage_kV), float(cs_mm),
-                         float(amplitude_contrast), float(bfactor_A2), int(seed), int(stack_size))
+                         float(amplitude_contrast), float(bfactor_A2), int(seed), int(stack_size),
+                         tuple(float(v) for v in beam_tilt_mrad), tuple(float(v) for v in trefoil))
     p.validate(box)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -202,6 +213,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
 
     angles, rotations, origins, ctf, subset, noise_rng = _draw_truth(p)
     n = p.n_particles
+    odd = tilt_to_zernike(*p.beam_tilt_mrad, p.cs_mm, float(electron_wavelength_A(p.voltage_kV)))
+    odd[2], odd[5] = p.trefoil
     vft = volume_ft(volume)
     starts = list(range(0, n, p.stack_size))
     stacks = [os.path.join(out_dir, f"stack_{k:03d}.mrcs") for k in range(len(starts))]
@@ -213,7 +226,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
         for k, s in enumerate(starts):
             idx = np.arange(s, min(s + p.stack_size, n))
             images = clean_images(vft, rotations[idx], origins[idx], ctf.subset(idx),
-                                  p.pixel_size_A)
+                                  p.pixel_size_A, odd)
             signal_var_sum += float(images.var(axis=(1, 2), dtype=np.float64).sum())
             if noisy:
                 np.save(os.path.join(tmp, f"{k}.npy"), images)
@@ -241,7 +254,12 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
     truth["rlnOriginXAngst"] = origins[:, 0]
     truth["rlnOriginYAngst"] = origins[:, 1]
     truth["rlnRandomSubset"] = subset
-    write_relion_star(star_true, optics, truth)
+    true_optics = optics
+    if np.any(odd):       # the aberrations are the truth's, not the input's: refine finds them
+        true_optics = optics.assign(rlnBeamTiltX=p.beam_tilt_mrad[0], rlnBeamTiltY=p.beam_tilt_mrad[1],
+                                    rlnOddZernike=format_zernike([0, 0, p.trefoil[0], 0, 0,
+                                                                  p.trefoil[1]]))
+    write_relion_star(star_true, true_optics, truth)
 
     truth_mrc = os.path.join(out_dir, "truth.mrc")
     start_mrc = os.path.join(out_dir, "start_20A.mrc")
