@@ -171,3 +171,13 @@ def test_refine_optimize_ctf_global_finds_tilt_and_trefoil(tilted_dataset, tmp_p
     on, off = (_fsc_vs_truth_at(tmp_path / r / "map.mrc", truth, 16) for r in ("on", "off"))
     assert on > off, (on, off)
     assert runs["on"]["final_resolution_A"] < runs["off"]["final_resolution_A"]
+
+
+def test_info_shows_each_groups_aberrations(tilted_dataset):
+    from test_refine import run_cli
+
+    res = run_cli(["info", str(tilted_dataset / "particles_true.star")])
+    assert res.returncode == 0, res.stderr
+    assert "beam tilt (+1.000, -0.600) mrad, trefoil (+40.0, -25.0)" in res.stdout
+    res = run_cli(["info", str(tilted_dataset / "particles.star")])
+    assert "beam tilt" not in res.stdout

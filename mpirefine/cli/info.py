@@ -213,6 +213,10 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
     def per_particle(v):
         return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
 
+    from mpirefine.physics.aberrations import input_odd_aberrations, zernike_to_tilt
+    from mpirefine.physics.ctf import electron_wavelength_A
+
+    odd = input_odd_aberrations(ps)
     groups = []
     for g in ps.groups():
         rows = g["rows"]
@@ -226,6 +230,12 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
                                      "box_px": g["resampled_box"],
                                      "pixel_size_A": g["effective_pixel_size_A"],
                                      "steps": resampling_steps(g, ps.box)}
+        if g["group"] in odd:          # beam tilt and trefoil the optics table carries
+            tx, ty, rest = zernike_to_tilt(odd[g["group"]], group["cs_mm"],
+                                           float(electron_wavelength_A(group["voltage_kV"])))
+            group["aberrations"] = {"beam_tilt_mrad": [tx, ty],
+                                    "trefoil": [float(rest[2]), float(rest[5])],
+                                    "odd_zernike": [float(v) for v in odd[g["group"]]]}
         groups.append(group)
     u, v = per_particle(ctf.defocus_u_A), per_particle(ctf.defocus_v_A)
     split = {"present": bool(np.any(ps.split >= 0)), "half_A": int(np.sum(ps.split == 0)),
@@ -297,6 +307,11 @@ def format_particles(info: dict) -> str:
                      f"group {g['group']}: {g['n_particles']:,} particles, {grid}, "
                      f"{g['voltage_kV']:g} kV, Cs {g['cs_mm']:g} mm, amplitude contrast "
                      f"{g['amplitude_contrast']:g}"))
+        if "aberrations" in g:
+            a = g["aberrations"]
+            rows.append(("", f"  beam tilt ({a['beam_tilt_mrad'][0]:+.3f}, "
+                             f"{a['beam_tilt_mrad'][1]:+.3f}) mrad, trefoil ({a['trefoil'][0]:+.1f}, "
+                             f"{a['trefoil'][1]:+.1f}) rad·Å³ (applied by refine and reconstruct)"))
     rows += [("defocus U", _fmt_spread(ctf["defocus_u_um"], 3, " µm")),
              ("defocus V", _fmt_spread(ctf["defocus_v_um"], 3, " µm")),
              ("astigmatism", _fmt_spread(ctf["astigmatism_um"], 3, " µm") + "  |U − V|"),
