@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -462,7 +463,9 @@ def star_value(path, label):
 def run_relion(work, case, args, scorer):
     d = os.path.join(work, "relion")
     cmd = relion_command(case, args)
-    if args.relion_from_files:
+    if args.relion_from_files and not os.path.exists(os.path.join(d, "timing.json")):
+        t = unfinished_timing(d)
+    elif args.relion_from_files:
         with open(os.path.join(d, "timing.json")) as f:
             t = json.load(f)
     else:
@@ -499,12 +502,14 @@ def run_relion(work, case, args, scorer):
         if it > 0 and os.path.exists(os.path.join(work, data)):
             rec["poses"] = scorer.star_poses(data)
         iterations.append(rec)
-    final = {"map_vs_truth": scorer.map_files("relion/run_class001.mrc"),
-             "half_map_average_vs_truth": scorer.map_files("relion/run_half1_class001_unfil.mrc",
-                                                           "relion/run_half2_class001_unfil.mrc"),
-             "poses": scorer.star_poses("relion/run_data.star"),
-             "reported_resolution_A": star_value(os.path.join(d, "run_model.star"),
-                                                 "_rlnCurrentResolution")}
+    final = None                      # an unfinished run (see unfinished_timing) has none
+    if os.path.exists(os.path.join(d, "run_data.star")):
+        final = {"map_vs_truth": scorer.map_files("relion/run_class001.mrc"),
+                 "half_map_average_vs_truth": scorer.map_files(
+                     "relion/run_half1_class001_unfil.mrc", "relion/run_half2_class001_unfil.mrc"),
+                 "poses": scorer.star_poses("relion/run_data.star"),
+                 "reported_resolution_A": star_value(os.path.join(d, "run_model.star"),
+                                                     "_rlnCurrentResolution")}
     version = subprocess.run(["relion_refine", "--version"], capture_output=True,
                              text=True).stdout.split("\n")[0].strip()
     return {"program": version, "command": show(cmd),
@@ -512,7 +517,30 @@ def run_relion(work, case, args, scorer):
             "note": f"{args.relion_np} MPI processes (1 master + workers) on "
                     f"{os.cpu_count()} cores, --j 1",
             **{k: v for k, v in t.items() if k not in ("start_epoch", "cpu_samples")},
-            "iterations": iterations, "final": final}
+            "iterations": iterations, "final": final,
+            "best_iteration": best_iteration(iterations)}
+
+
+def unfinished_timing(d):
+    """Timing of a RELION run that was stopped before it finished (no timing.json):
+    from the CPU samples an outside monitor wrote (cpu_samples.json: [epoch, CPU s of
+    the process tree] every 2 s, started with RELION) and the last iteration's files."""
+    with open(os.path.join(d, "cpu_samples.json")) as f:
+        samples = json.load(f)
+    last = max(os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)
+               if f.startswith("run_it"))
+    return {"start_epoch": samples[0][0], "wall_seconds": round(last - samples[0][0], 2),
+            "cpu_seconds": cpu_at(samples, last), "cpu_samples": samples, "finished": False,
+            "load_average_1min": None,
+            "note": "stopped before it finished; times up to its last complete iteration"}
+
+
+def best_iteration(iterations):
+    """The iteration whose half-map average is closest to the truth (FSC 0.5)."""
+    scored = [r for r in iterations if r.get("half_map_average_vs_truth")]
+    if not scored:
+        return None
+    return min(scored, key=lambda r: r["half_map_average_vs_truth"]["fsc_0.5_A"])
 
 
 # ---------------------------------------------------------------- mpirefine
@@ -615,7 +643,7 @@ def time_to_reach(section, target_A):
         if v and v["fsc_0.5_A"] <= target_A + 1e-6:
             return {"iteration": r["iteration"], "seconds": r["seconds_since_start"],
                     "by": "half-map average of the iteration"}
-    if section["final"]["map_vs_truth"]["fsc_0.5_A"] <= target_A + 1e-6:
+    if section["final"] and section["final"]["map_vs_truth"]["fsc_0.5_A"] <= target_A + 1e-6:
         return {"iteration": "final", "seconds": section["wall_seconds"], "by": "final map"}
     return None
 
@@ -628,9 +656,14 @@ def compare(report, target_program="relion"):
     ref = runs.get(target_program)
     if not ref:
         return None
-    target = ref["final"]["map_vs_truth"]["fsc_0.5_A"]
-    what = ("RELION's final run_class001.mrc" if target_program == "relion"
-            else "mpirefine's final map.mrc")
+    if ref["final"] is None:          # an unfinished run: its best iteration
+        best = ref["best_iteration"]
+        target = best["half_map_average_vs_truth"]["fsc_0.5_A"]
+        what = f"the unfinished run's best half-map average (iteration {best['iteration']})"
+    else:
+        target = ref["final"]["map_vs_truth"]["fsc_0.5_A"]
+        what = ("RELION's final run_class001.mrc" if target_program == "relion"
+                else "mpirefine's final map.mrc")
     out = {"target": f"{what}: FSC 0.5 vs truth", "target_A": target}
     out.update({name: time_to_reach(sec, target) for name, sec in runs.items() if sec})
     return out
@@ -658,6 +691,11 @@ def tables(report):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, sec, _ in sections:
         f = sec["final"]
+        if f is None:                 # unfinished: its best iteration's half maps and poses
+            b = sec["best_iteration"]
+            f = {"map_vs_truth": {"fsc_0.5_A": math.nan, "fsc_0.143_A": math.nan},
+                 "half_map_average_vs_truth": b["half_map_average_vs_truth"], "poses": b["poses"]}
+            label += f" (unfinished; best iteration, {b['iteration']})"
         key = "relion" if label.startswith("RELION") else "mpirefine_" + \
             next(k for k, v in report["mpirefine"].items() if v is sec)
         r, r2 = reach.get(key), reach2.get(key)
@@ -681,7 +719,8 @@ def tables(report):
                      "| – | 0 | 100 % | 0 % | 0 | – | – | – | – |")
     out = ["\n".join(lines)]
     for label, sec, _ in sections:
-        rows = [f"{label}, load average {sec['load_average_1min']['median']:.1f} (median):", "",
+        load = (sec.get("load_average_1min") or {}).get("median")
+        rows = [f"{label}, load average {fmt(load)} (median):", "",
                 "| iteration | ends at s | wall s | CPU s | reported resolution (Å) "
                 "| half-map average vs truth FSC 0.5 / 0.143 (Å) | median angular error | within 5° |",
                 "|---|---|---|---|---|---|---|---|"]
