@@ -46,6 +46,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_scale  # noqa: E402  (its /proc samplers)
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS")
 BOX_A = 282.0
@@ -74,52 +77,10 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------- sampling
 
-def _status(pid) -> dict | None:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(line.split()[1])
-    except OSError:
-        return None
-    return out if "VmHWM" in out else None
-
-
-def _descendants(root: int) -> set:
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", encoding="ascii") as f:
-                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    below, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, q in parents.items() if q in frontier} - below
-        below |= frontier
-    return below
-
-
 def _rank_pids(root: int, mpi: bool) -> dict:
     """{rank: pid} of the refinement's ranks: the process itself without MPI, else the
-    processes below the launcher with PMI_RANK in their environment."""
-    if not mpi:
-        return {0: root}
-    ranks = {}
-    for pid in _descendants(root):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"PMI_RANK" in env and b"mpirefine" in cmdline:
-            ranks[int(env[b"PMI_RANK"])] = pid
-    return ranks
+    processes below the launcher with PMI_RANK in their environment (bench_scale's)."""
+    return bench_scale._rank_pids(root, {}) if mpi else {0: root}
 
 
 def _available_bytes() -> int:
@@ -195,7 +156,7 @@ def run_refine(folder: str, ranks: int, args, work: str) -> dict:
             if len(pids) < ranks:
                 pids.update(_rank_pids(proc.pid, mpi))
             for rank, pid in pids.items():
-                s = _status(pid)
+                s = bench_scale._status(pid)
                 if s is not None:
                     peaks[rank] = max(peaks.get(rank, 0), s["VmHWM"])
                     last_rss[rank] = s["VmRSS"]

@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier.project import extract_slices
-from mpirefine.fourier.transforms import insertion_frequencies, phase_shift_2d
+from mpirefine.physics.noise import images_at_poses
 
 N_ODD = 6                                  # Zernike terms up to n = 3
 TILT_TERMS = (0, 1, 3, 4)                  # shift and coma: what beam tilt changes
@@ -166,14 +165,9 @@ def odd_aberration_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
     fit gives the group's whole odd phase); ctf (B, n, n // 2 + 1) real; rotations
     (B, 3, 3), shifts_px (B, 2) the poses (RELION origins); scale (B,)."""
     xp = array_namespace(images_ft)
-    n = vft.n
-    kx, ky, inside = insertion_frequencies(n, xp)
-    B = images_ft.shape[0]
-    proj = extract_slices(vft, xp.asarray(rotations, dtype=xp.float32), kx, ky)
-    x = phase_shift_2d(images_ft, shifts_px, n).reshape(B, -1)[:, inside]
-    a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
+    n, B = vft.n, images_ft.shape[0]
+    x, pred, inside = images_at_poses(vft, images_ft, rotations, shifts_px, scale)
     c = ctf.reshape(B, -1)[:, inside]
-    pred = a * proj
     xy = xp.zeros(n * (n // 2 + 1), xp.complex128)
     w = xp.zeros(n * (n // 2 + 1), xp.float64)
     xy[inside] = (c * xp.conj(pred) * x).astype(xp.complex128).sum(axis=0)

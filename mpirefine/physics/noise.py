@@ -68,15 +68,24 @@ def residual_power_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
     Pixels beyond the Nyquist circle are left out (the reference has none there).
     """
     xp = array_namespace(images_ft)
-    n = vft.n
+    n, B = vft.n, images_ft.shape[0]
+    x, pred, inside = images_at_poses(vft, images_ft, rotations, shifts_px, scale)
+    resid = xp.zeros((B, n * (n // 2 + 1)), xp.complex64)
+    resid[:, inside] = x - ctf.reshape(B, -1)[:, inside] * pred
+    return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
+
+
+def images_at_poses(vft, images_ft, rotations, shifts_px, scale):
+    """(x, a P, inside): the images shifted to their poses and their scaled projections
+    (no CTF), both (B, K) on the K half-plane pixels inside the Nyquist circle (the
+    flat mask ``inside``); arguments as for :func:`residual_power_sums`."""
+    xp = array_namespace(images_ft)
+    n, B = vft.n, images_ft.shape[0]
     kx, ky, inside = insertion_frequencies(n, xp)
-    B = images_ft.shape[0]
     proj = extract_slices(vft, xp.asarray(rotations, dtype=xp.float32), kx, ky)
     x = phase_shift_2d(images_ft, shifts_px, n).reshape(B, -1)[:, inside]
     a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
-    resid = xp.zeros((B, n * (n // 2 + 1)), xp.complex64)
-    resid[:, inside] = x - a * ctf.reshape(B, -1)[:, inside] * proj
-    return shell_power_sums(resid.reshape(B, n, n // 2 + 1), n)
+    return x, a * proj, inside
 
 
 def model_from_sums(power_sums, counts, constant: bool) -> NoiseModel:
