@@ -111,10 +111,11 @@ def _defocus(path):
 
 
 def test_refine_optimize_defocus_recovers_the_defocus(defocus_dataset, tmp_path):
-    """With --optimize-defocus the RMS defocus error against the truth halves within
-    the short run (measured: 387 → 172 Å in 3 iterations after the start resolution)
-    and the GSFSC improves (4.90 Å against 5.73 Å without); without it the output
-    keeps the input's defocus."""
+    """With --optimize-defocus the RMS defocus error against the truth drops more than 4×
+    within the short run (measured: 387 → 81 Å; 172 Å when the defocus search scored
+    windowed images, whose window cuts the CTF's delocalised signal, ~100 Å here) and
+    the GSFSC improves (4.76 Å against 5.18 Å without); without it the output keeps
+    the input's defocus."""
     import json
     import os
 
@@ -139,7 +140,7 @@ def test_refine_optimize_defocus_recovers_the_defocus(defocus_dataset, tmp_path)
     refined = _defocus(tmp_path / "on" / "particles.star")
     rms_before = np.sqrt(np.mean((given - truth) ** 2))
     rms_after = np.sqrt(np.mean((refined - truth) ** 2))
-    assert rms_after < rms_before / 2, (rms_before, rms_after)
+    assert rms_after < rms_before / 4, (rms_before, rms_after)
     assert runs["on"]["final_resolution_A"] < runs["off"]["final_resolution_A"]
     summary = runs["on"]["defocus_refinement"]
     assert summary["n_changed"] == len(truth) and summary["sd_A"] > 200

@@ -284,7 +284,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                 if defocus:
                     with timer("defocus"):
                         delta = search_defocus(
-                            vft, f, params, res.rotations, res.shifts_px, scale, weights,
+                            vft, f_insert, params, res.rotations, res.shifts_px, scale, weights,
                             np.full(len(idx), job.prep.pixel_size_A) if grid is None
                             else grid.effective_pixel_size_A(),
                             cfg.defocus_min_resolution_A, job.resolution_A, cfg.defocus_search_range_A)

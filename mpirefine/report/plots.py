@@ -58,8 +58,12 @@ def read_fsc_csv(path: str) -> tuple[np.ndarray, dict]:
 
 def crossing_frequency(freq: np.ndarray, curve: np.ndarray, threshold: float = FSC_THRESHOLD):
     """Frequency (1/Å) where ``curve`` first falls below ``threshold`` (linear
-    interpolation); the last frequency when it never does."""
-    for s in range(1, len(curve)):
+    interpolation); the last frequency when it never does, and the first shell's (one
+    over the box) when the curve is below it from the first shell on (no signal: the
+    DC term alone always correlates), so its inverse is always a finite resolution."""
+    if len(curve) > 1 and curve[1] < threshold:
+        return float(freq[1])
+    for s in range(2, len(curve)):
         if curve[s] < threshold:
             c0, c1 = curve[s - 1], curve[s]
             t = (c0 - threshold) / (c0 - c1) if c0 != c1 else 1.0
