@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpirefine.backend import array_namespace, to_numpy
+from mpirefine.backend import array_namespace
+from mpirefine.errors import InputError
 from mpirefine.physics.noise import images_at_poses
 
 N_ODD = 6                                  # Zernike terms up to n = 3
@@ -160,9 +161,9 @@ def fit_odd_aberrations(xy, w, kx_A, ky_A, weight, cs_mm: float, wavelength_A: f
 
 def odd_aberration_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
     """Per-pixel (xy, w) = (Σ c · conj(a P) · X, Σ c² |a P|²) over a batch of one optics
-    group at its poses, NumPy (n, n // 2 + 1) complex128 and float64: what
-    :func:`fit_odd_aberrations` fits.  images_ft: the images *not* demodulated (so the
-    fit gives the group's whole odd phase); ctf (B, n, n // 2 + 1) real; rotations
+    group at its poses, (n, n // 2 + 1) complex128 and float64 on the images' device:
+    what :func:`fit_odd_aberrations` fits.  images_ft: the images *not* demodulated (so
+    the fit gives the group's whole odd phase); ctf (B, n, n // 2 + 1) real; rotations
     (B, 3, 3), shifts_px (B, 2) the poses (RELION origins); scale (B,)."""
     xp = array_namespace(images_ft)
     n, B = vft.n, images_ft.shape[0]
@@ -172,13 +173,39 @@ def odd_aberration_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
     w = xp.zeros(n * (n // 2 + 1), xp.float64)
     xy[inside] = (c * xp.conj(pred) * x).astype(xp.complex128).sum(axis=0)
     w[inside] = (c * c * (pred.real ** 2 + pred.imag ** 2)).astype(xp.float64).sum(axis=0)
-    return to_numpy(xy).reshape(n, n // 2 + 1), to_numpy(w).reshape(n, n // 2 + 1)
+    return xy.reshape(n, n // 2 + 1), w.reshape(n, n // 2 + 1)
 
 
 def demodulation(coefficients, kx_A, ky_A, xp):
     """exp(−i φ(k)) on a frequency grid (1/Å), complex64: multiplies the images."""
     phi = odd_phase(coefficients, xp.asarray(kx_A, dtype=xp.float64), xp.asarray(ky_A, dtype=xp.float64))
     return xp.exp(-1j * phi).astype(xp.complex64)
+
+
+class GroupDemodulation:
+    """exp(−i φ) of each optics group's odd aberrations on the (n, n // 2 + 1) image
+    grid of ``pixel_size_A``, applied to each particle's transforms by its group
+    (particles of groups without aberrations are multiplied by 1)."""
+
+    def __init__(self, coefficients: dict, n: int, pixel_size_A: float, xp):
+        from mpirefine.fourier.transforms import freq_grid_2d
+
+        groups = sorted(int(g) for g in coefficients)
+        ky, kx = freq_grid_2d(n, xp)
+        scale = 1.0 / (n * pixel_size_A)
+        self.table = xp.stack([xp.ones((n, n // 2 + 1), xp.complex64)]
+                              + [demodulation(coefficients[g], kx * scale, ky * scale, xp)
+                                 for g in groups])
+        self.row = np.zeros(max(groups, default=0) + 1, np.int64)   # group → table row
+        self.row[groups] = np.arange(1, len(groups) + 1)
+        self.xp = xp
+
+    def __call__(self, optics_groups, *images):
+        """``images`` (each (B, n, n // 2 + 1)) × their particles' factors, a tuple."""
+        g = np.asarray(optics_groups, np.int64)
+        rows = np.where((g >= 0) & (g < len(self.row)), self.row[np.clip(g, 0, len(self.row) - 1)], 0)
+        factor = self.table[self.xp.asarray(rows)]
+        return tuple(a * factor for a in images)
 
 
 def parse_zernike(value) -> np.ndarray:
@@ -210,7 +237,6 @@ def input_odd_aberrations(particle_set) -> dict:
         if "rlnOddZernike" in optics.columns:
             z = parse_zernike(row["rlnOddZernike"])
             if np.any(z[N_ODD:]):
-                from mpirefine.errors import InputError
                 raise InputError(f"optics group {g}: rlnOddZernike has terms beyond third order "
                                  f"({len(z)} coefficients); only the first {N_ODD} (n <= 3: "
                                  "shift, beam tilt, trefoil) are supported yet")

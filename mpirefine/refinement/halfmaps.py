@@ -97,15 +97,12 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
     at the poses, shifts and scales ``ps`` carries (unit noise weights): the sums of
     a reconstruction at known poses.  half → :class:`Accumulator`.  Odd aberrations in
     the optics table (rlnBeamTiltX/Y, rlnOddZernike) are taken out of the images first."""
-    from mpirefine.fourier.transforms import freq_grid_2d
-    from mpirefine.physics.aberrations import demodulation, input_odd_aberrations
+    from mpirefine.physics.aberrations import GroupDemodulation, input_odd_aberrations
 
     n = prep.box
     noise_weight = xp.ones((n, n // 2 + 1), xp.float32)
     odd = input_odd_aberrations(ps)
-    ky, kx = freq_grid_2d(n, xp)
-    k_scale = 1.0 / (n * prep.pixel_size_A)
-    demod = {g: demodulation(c, kx * k_scale, ky * k_scale, xp) for g, c in odd.items()}
+    demodulate = GroupDemodulation(odd, n, prep.pixel_size_A, xp) if odd else None
     accs = {}
     with open_images(ps) as source:
         for half, mine in rank_share(par, split):
@@ -113,11 +110,8 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
             for idx, images in source.batches(mine, image_batch_size):
                 grid = ps.image_grid(idx)
                 f = prepare_images(images, prep, xp, grid)
-                for g, factor in demod.items():
-                    rows = np.flatnonzero(ps.optics_group[idx] == g)
-                    if len(rows):
-                        on = xp.asarray(rows)
-                        f[on] = f[on] * factor
+                if demodulate is not None:
+                    f, = demodulate(ps.optics_group[idx], f)
                 insert_particles(acc, f,
                                  ctf_grid(ps.ctf.subset(idx), prep, xp, grid), noise_weight,
                                  ps.rotations[idx], ps.shifts_A[idx] / prep.pixel_size_A,

@@ -377,8 +377,8 @@ def fit_ctf_global(job: Job, iteration: int) -> dict | None:
     groups = sorted({int(g) for g in np.unique(job.particles.optics_group)})
     packed = np.zeros((len(groups), 3, n, n // 2 + 1))
     for k, g in enumerate(groups):
-        if g in job.odd_sums:
-            xy, w = job.odd_sums[g]
+        if g in job.odd_sums:        # summed on the device, copied once per iteration
+            xy, w = (to_numpy(a) for a in job.odd_sums[g])
             packed[k] = (xy.real, xy.imag, w)
     packed = par.allreduce_obj(packed)
     job.odd_sums = None

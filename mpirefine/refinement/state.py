@@ -83,7 +83,7 @@ class Job:
     full_map: np.ndarray | None = None     # the last iteration's map of all particles (rank 0)
     # optics group → (6,) odd Zernike coefficients (beam tilt, trefoil; physics/aberrations.py)
     odd_aberrations: dict = field(default_factory=dict)
-    _demodulation: object = None           # (groups, table on xp) for the current coefficients
+    _demodulation: object = None           # GroupDemodulation of the current coefficients
     odd_sums: dict | None = None           # this iteration's per-group fit sums (refine.add_odd_sums)
 
     @property
@@ -161,24 +161,12 @@ class Job:
         aberrations (the same arrays when there are none)."""
         if not self.odd_aberrations:
             return images if len(images) > 1 else images[0]
-        from mpirefine.fourier.transforms import freq_grid_2d
-        from mpirefine.physics.aberrations import demodulation
-
-        xp, n = self.xp, self.prep.box
         if self._demodulation is None:
-            ky, kx = freq_grid_2d(n, xp)
-            scale = 1.0 / (n * self.prep.pixel_size_A)
-            groups = sorted(self.odd_aberrations)
-            table = xp.stack([xp.ones((n, n // 2 + 1), xp.complex64)]
-                             + [demodulation(self.odd_aberrations[g], kx * scale, ky * scale, xp)
-                                for g in groups])
-            self._demodulation = (np.asarray(groups), table)
-        groups, table = self._demodulation
-        g = np.asarray(self.particles.optics_group)[idx]
-        row = np.searchsorted(groups, g) + 1
-        row[(row > len(groups)) | (groups[np.minimum(row - 1, len(groups) - 1)] != g)] = 0
-        factor = table[xp.asarray(row)]
-        out = tuple(a * factor if a is not None else None for a in images)
+            from mpirefine.physics.aberrations import GroupDemodulation
+
+            self._demodulation = GroupDemodulation(self.odd_aberrations, self.prep.box,
+                                                   self.prep.pixel_size_A, self.xp)
+        out = self._demodulation(np.asarray(self.particles.optics_group)[idx], *images)
         return out if len(out) > 1 else out[0]
 
     def alignment_resolution_A(self) -> float:

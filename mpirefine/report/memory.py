@@ -69,6 +69,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from mpirefine.errors import InputError
+
 MiB = 2 ** 20
 GiB = 2 ** 30
 RESULT_BYTES_PER_PARTICLE = 9 * 8 + 2 * 8 + 8 + 8 + 1
@@ -577,3 +579,74 @@ def gpu_batch_line(gpu: dict) -> str:
         text += (f"; even so the {phase} needs {human_bytes(need)}, more than that: "
                  "use more ranks per half set, a smaller box or a larger GPU")
     return text
+
+
+# ------------------------------------------------------------- running out of memory
+
+class OutOfMemory(InputError):
+    """A rank ran out of host or GPU memory (one line: what to lower)."""
+
+
+# Where in the code a phase's arrays are made: the innermost of these functions on the
+# stack names the phase that ran out (the memory plan's phases, report/memory.py).
+_PHASE_OF_FUNCTION = {
+    "symmetrize_accumulator": "symmetrisation",
+    "volume_ft": "reference transform", "gather_table": "reference transform",
+    "reconstruct": "reconstruction", "reconstruct_root_pair": "reconstruction",
+    "reconstruct_slabs": "reconstruction", "full_map": "reconstruction",
+    "final_full_map": "reconstruction", "update_references": "reconstruction",
+    "next_references": "reconstruction", "steering_fsc": "reconstruction",
+    "pack_sphere": "reconstruction", "finish": "reconstruction", "fsc_suite": "reconstruction",
+    "insert_particles": "insertion", "insert": "insertion", "trilinear_stencil": "insertion",
+    "residual_power_sums": "insertion",
+    "run_search": "search", "search_poses": "search", "search_reference": "search",
+    "prepare_reference": "search", "projection_tables": "search", "search_defocus": "search",
+    "prepare_images": "search", "ctf_grid": "search", "batches": "search",
+}
+_BATCH_PHASES = ("search", "insertion")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError (NumPy's allocations), CuPy's OutOfMemoryError (told by its class
+    name: cupy is not imported on the CPU), or a cuFFT / cuBLAS allocation failure."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return "ALLOC_FAILED" in str(exc)
+
+
+def memory_phase(exc: BaseException) -> str | None:
+    """The phase that ran out of memory: the innermost function of ``exc``'s traceback
+    that :data:`_PHASE_OF_FUNCTION` knows; None if none is on the stack."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.name in _PHASE_OF_FUNCTION:
+            return _PHASE_OF_FUNCTION[frame.name]
+    return None
+
+
+def out_of_memory_message(exc: BaseException, cfg, par) -> str:
+    """One line: where memory ran out and which option to lower."""
+    gpu = not isinstance(exc, MemoryError) or type(exc).__module__.startswith("cupy")
+    what = "GPU memory" if gpu else "memory"
+    phase = memory_phase(exc)
+    where = f" in the {phase}" if phase else ""
+    rank = f" on rank {par.rank} of {par.size}" if par.size > 1 else ""
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    plan = (f"`mpirefine info {cfg.particles} --ranks {par.size}` shows the memory plan")
+    if phase in _BATCH_PHASES or phase is None:
+        smaller = max(1, cfg.image_batch_size // 2)
+        fix = (f"lower --image-batch-size (it was {cfg.image_batch_size}; try {smaller})")
+        if phase is None:
+            fix += ("; if it is the reconstruction, use more ranks per half set or a "
+                    "smaller box (--box)")
+    elif phase == "symmetrisation":
+        fix = ("symmetrising holds three accumulator-sized grids per half set: use a smaller "
+               "box (--box with --pixel-size), or a node with more memory")
+    else:
+        fix = ("it needs whole padded grids of the box: use more ranks per half set (from 3 "
+               "ranks on, each half's reconstruction is split among its ranks) or a smaller "
+               "box (--box with --pixel-size)")
+    return f"out of {what}{where}{rank} ({detail}): {fix}; {plan}"
