@@ -3,15 +3,19 @@
 The stand-in is a module named ``cupy`` whose arrays wrap NumPy arrays; it refuses
 what CuPy refuses (implicit conversion to NumPy, NumPy arrays in device operations,
 names CuPy lacks) and counts kernel launches, host/device copies and synchronising
-reads (tests/gpu_standin/cupy/_standin.py).  Since it computes with NumPy, mpirefine
-on it must give exactly what the NumPy array path gives (``MPIREFINE_JIT=0``: the
-same code as on CuPy, without the compiled kernels).  Here:
+reads (tests/gpu_standin/cupy/_standin.py).  It runs ``cupy.RawKernel`` sources by
+compiling them with g++ and running their threads one after another
+(tests/gpu_standin/cupy/_kernels.py).  Since it computes with NumPy, and mpirefine's
+fused kernels (fourier/kernels.py) repeat the array code's float operations in its
+order, mpirefine on it must give exactly what the NumPy array path gives
+(``MPIREFINE_JIT=0``: the array-namespace code, without the Numba kernels).  Here:
 
 1. the stand-in itself: it refuses a host/device mix, counts what it should, sees a
-   per-particle loop of launches, and never stands in for an installed CuPy;
+   per-particle loop of launches, runs CUDA sources, and never stands in for an
+   installed CuPy;
 2. the pose search on it equals the NumPy array path bit for bit, within a budget of
    launches, copies and synchronising reads per particle, and with none of them growing
-   with the number of particles once slices are extracted in one block;
+   with the number of particles;
 3. ``mpirefine refine --gpu`` on it (C4 with adaptive marginalization on 1 and 3 MPI
    ranks, C4 relaxation by marginalization on 3) writes the same maps and poses as
    ``--cpu`` with ``MPIREFINE_JIT=0``, within a budget per particle and iteration;
@@ -179,6 +183,129 @@ def test_standin_counts_a_per_particle_loop_of_launches(cupy):
     assert batched[1] / 64 <= budget_per_particle < looped[1] / 64
 
 
+SAXPY = r"""
+extern "C" __global__ void saxpy(float a, const float* __restrict__ x, float* y, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}
+"""
+
+
+@standin
+def test_standin_raw_kernel_runs_cuda_source(cupy):
+    """cupy.RawKernel compiles CUDA C with g++ and runs every thread of the grid: float32
+    arithmetic as NumPy's (no fused multiply-add), atomics, 2-D indices, complex data."""
+    rng = np.random.default_rng(7)
+    n = 1000
+    x, y = rng.standard_normal((2, n)).astype(np.float32)
+    dy = cupy.asarray(y)
+    cupy.RawKernel(SAXPY, "saxpy")(((n + 127) // 128,), (128,),
+                                   (np.float32(1.3), cupy.asarray(x), dy, np.int32(n)))
+    np.testing.assert_array_equal(dy.get().view(np.uint32), (np.float32(1.3) * x + y).view(np.uint32))
+
+    histogram = cupy.RawKernel(r"""
+        extern "C" __global__ void histogram(const long long* values, unsigned int* counts,
+                                             long long n)
+        {
+            long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+            if (i < n) atomicAdd(counts + values[i], 1u);
+        }""", "histogram")
+    values = rng.integers(0, 17, 5000)
+    counts = cupy.zeros(17, cupy.uint32)
+    histogram(20, 256, (cupy.asarray(values), counts, np.int64(values.size)))
+    np.testing.assert_array_equal(counts.get(), np.bincount(values, minlength=17))
+
+    grid_2d = cupy.RawKernel(r"""
+        extern "C" {
+        __global__ void where(int* out, int width, int height)
+        {
+            int col = blockIdx.x * blockDim.x + threadIdx.x;
+            int row = blockIdx.y * blockDim.y + threadIdx.y;
+            if (col < width && row < height)
+                out[row * width + col] = 1000 * row + col + 100000 * (int)(gridDim.x * blockDim.y);
+        }
+        }""", "where")
+    out = cupy.zeros((21, 30), cupy.int32)
+    grid_2d((4, 6), (8, 4), (out, np.int32(30), np.int32(21)))
+    rows, cols = np.mgrid[:21, :30]
+    np.testing.assert_array_equal(out.get(), 1000 * rows + cols + 100000 * 4 * 4)
+
+    rotate = cupy.RawKernel(r"""
+        #include <cupy/complex.cuh>
+        __device__ __forceinline__ float2 turn(float2 v, float angle)
+        {
+            float s, c;
+            sincosf(angle, &s, &c);
+            return make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
+        }
+        extern "C" __global__ void rotate(const complex<float>* in, float2* out, double* norm,
+                                          float angle, int n)
+        {
+            int i = blockIdx.x * blockDim.x + threadIdx.x;
+            if (i >= n) return;
+            float2 v = turn(make_float2(in[i].real(), in[i].imag()), angle);
+            out[i] = make_float2(fminf(fmaxf(v.x, -1.0f), 1.0f), floorf(v.y));
+            atomicAdd(norm, (double)sqrtf(v.x * v.x + v.y * v.y));
+        }""", "rotate")
+    z = (rng.standard_normal(300) + 1j * rng.standard_normal(300)).astype(np.complex64)
+    turned, norm = cupy.empty(300, cupy.complex64), cupy.zeros(1, cupy.float64)
+    rotate(3, 128, (cupy.asarray(z), turned, norm, np.float32(0.5), np.int32(300)))
+    expected = z * np.exp(0.5j)
+    np.testing.assert_allclose(turned.get().real, np.clip(expected.real, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(turned.get().imag, np.floor(expected.imag), atol=1e-6)
+    np.testing.assert_allclose(norm.get()[0], np.abs(z).sum(dtype=np.float64), rtol=1e-5)
+
+
+@standin
+def test_standin_raw_kernel_refuses_what_a_gpu_would_misread(cupy):
+    """Arguments a kernel would silently misread, and sources a serial run cannot honour."""
+    kernel = cupy.RawKernel(SAXPY, "saxpy")
+    x, y = cupy.ones(16, cupy.float32), cupy.ones(16, cupy.float32)
+    a, n = np.float32(2), np.int32(16)
+    kernel(1, 16, (a, x, y, n))
+    refused = {
+        "a non-contiguous array": (ValueError, (a, cupy.ones(32, cupy.float32)[::2], y, n)),
+        "a host array": (TypeError, (a, np.ones(16, np.float32), y, n)),
+        "a list": (TypeError, (a, [1.0] * 16, y, n)),
+        "a Python int": (TypeError, (a, x, y, 16)),
+        "a Python float": (TypeError, (2.0, x, y, n)),
+        "a float64 array for float*": (TypeError, (a, cupy.ones(16, cupy.float64), y, n)),
+        "an int64 scalar for int": (TypeError, (a, x, y, np.int64(16))),
+        "a device array for a scalar": (TypeError, (a, x, y, cupy.asarray(n))),
+        "too few arguments": (TypeError, (a, x, y)),
+    }
+    for what, (error, args) in refused.items():
+        with pytest.raises(error):
+            kernel(1, 16, args)
+            pytest.fail(f"not refused: {what}")
+    for grid, block in (((0,), (16,)), (1, (0, 1)), (1, (32, 32, 2)), ((1, 1, 1, 1), 1)):
+        with pytest.raises(ValueError):
+            kernel(grid, block, (a, x, y, n))
+    np.testing.assert_array_equal(y.get(), np.full(16, 3, np.float32))   # the one valid launch
+    for source in ("__shared__ float tile[32];", "__syncthreads();",
+                   "v = __shfl_down_sync(0xffffffff, v, 1);", "#include <cuda_fp16.h>"):
+        with pytest.raises(NotImplementedError):
+            cupy.RawKernel(f'extern "C" __global__ void k(float v) {{\n{source}\n}}', "k")
+    with pytest.raises(RuntimeError, match="undeclared_name"):
+        cupy.RawKernel('extern "C" __global__ void k(float* v) { v[0] = undeclared_name; }',
+                       "k")(1, 1, (x,))
+
+
+@standin
+def test_standin_raw_kernel_counts_one_launch(cupy):
+    from cupy import _standin
+
+    x, y = cupy.ones(300, cupy.float32), cupy.ones(300, cupy.float32)
+    kernel = cupy.RawKernel(SAXPY, "saxpy")
+    with _standin.counting() as c:
+        site = f"tests/test_gpu_standin.py:{sys._getframe().f_lineno + 1}"
+        kernel((3,), (128,), (np.float32(2), x, y, np.int32(300)))
+    assert (c["launches"], c["h2d"], c["d2h"], c["syncs"]) == (1, 0, 0, 0), c
+    assert c["by_op"] == {"RawKernel:saxpy": 1} and c["by_site"] == {site: 1}
+    np.testing.assert_array_equal(y.get(), np.full(300, 3, np.float32))
+
+
 @standin
 def test_standin_is_a_working_gpu_for_mpirefine(cupy):
     assert backend.gpu_problem() is None
@@ -215,15 +342,18 @@ def test_standin_never_shadows_a_real_cupy(tmp_path):
 
 def _search(xp, monkeypatch, B, counting=contextlib.nullcontext, **params):
     """search_poses of B noisy particles (32 px, host images) on a reference on ``xp``;
-    (result, what ``counting()`` gave for the search alone)."""
+    (result, what ``counting()`` gave for the search alone).  NumPy runs the array code
+    (MPIREFINE_JIT=0), the stand-in its fused CUDA kernels (fourier/kernels.py)."""
     from test_search import PARAMS, blob_volume, simulate
 
     from mpirefine.fourier.project import volume_ft
     from mpirefine.search.poses import search_poses
 
-    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    monkeypatch.setenv("MPIREFINE_JIT", "0")       # the same particles for both
     vol = blob_volume(32)
     images, ctf, noise_var, _, _ = simulate(volume_ft(vol), B, seed=4, noise_rel=0.5)
+    if xp is not np:
+        monkeypatch.delenv("MPIREFINE_JIT")
     vft = volume_ft(xp.asarray(vol))
     with counting() as counted:
         result = search_poses(vft, images, ctf, noise_var,
@@ -236,12 +366,12 @@ def _search(xp, monkeypatch, B, counting=contextlib.nullcontext, **params):
 def test_search_on_the_standin_is_the_numpy_array_path(cupy, monkeypatch, marginalize):
     """Bit for bit the same poses, shifts, likelihoods and posteriors.
 
-    Budget per particle and search (32 px, 48 particles, 4 levels, one chunk), measured:
-    without marginalization 32.6 launches and 1.08 copies (0.77 to the device, 0.31
-    back), with it 32.9 launches and 1.13 copies (0.77, 0.35); no synchronising read.
-    Budgets: 40 launches, 1.35 copies (about 20 % above).  About 300 launches are fixed
-    per search; each further particle adds 23 to 27 (the fine levels project every
-    particle's own rotations, block by block: fourier/project.py rotation_blocks).
+    Budget per particle and search (32 px, 48 particles, 4 levels, one chunk), measured
+    with the fused extraction kernel (fourier/kernels.py): without marginalization 2.35
+    launches and 0.75 copies, with it 2.60 launches and 0.79 copies; no synchronising
+    read (with the array code's extraction: 32.6 and 1.08).  Budgets: 3 launches, 0.95
+    copies (about 20 % above).  Nearly all of them are per search or per block of
+    particles, not per particle (next test).
     """
     from cupy import _standin
 
@@ -256,27 +386,23 @@ def test_search_on_the_standin_is_the_numpy_array_path(cupy, monkeypatch, margin
     launches, copies = c["launches"] / B, (c["h2d"] + c["d2h"]) / B
     print(f"\nsearch on the stand-in, per particle: {launches:.2f} launches, {copies:.2f} copies, "
           f"{c['syncs'] / B:.2f} syncs")
-    assert launches <= 40, sorted(c["by_site"].items(), key=lambda kv: -kv[1])[:15]
-    assert copies <= 1.35, c["copy_sites"]
+    assert launches <= 3, sorted(c["by_site"].items(), key=lambda kv: -kv[1])[:15]
+    assert copies <= 0.95, c["copy_sites"]
     assert c["syncs"] == 0, c["sync_sites"]
 
 
 @standin
 def test_search_launches_and_copies_do_not_grow_with_the_particles(cupy, monkeypatch):
-    """No loop over particles: with slice extraction in one block per call (as a GPU
-    wants it; fourier/project.py cuts blocks of 2^17 samples for the CPU's caches, which
-    alone adds some 25 launches per particle), 96 particles cost what 48 do.
+    """No loop over particles: with slice extraction in one launch per call (the fused
+    kernel) and scoring blocks sized by the device's memory, 96 particles cost what 48 do.
 
-    Measured (32 px, 4 levels, one chunk): 473 launches, 36 copies for 48 particles;
-    497 launches, 39 copies for 96: 0.5 launches and 0.06 copies per further particle.
-    Budgets: 1 launch and 0.15 copies per further particle, no synchronising read.  A
-    loop over the particles of a block (one GEMM each, say) adds 6 launches per particle.
+    Measured (32 px, 4 levels, one chunk): 113 launches, 36 copies for 48 particles,
+    the same for 96.  Budgets: 1 launch and 0.15 copies per further particle, no
+    synchronising read.  A loop over the particles of a block (one GEMM each, say)
+    adds 6 launches per particle.
     """
     from cupy import _standin
 
-    import mpirefine.fourier.project as project
-
-    monkeypatch.setattr(project, "_SAMPLES_PER_BLOCK", 1 << 22)
     counts = {B: _search(cupy, monkeypatch, B, _standin.counting)[1] for B in (48, 96)}
     extra_launches = (counts[96]["launches"] - counts[48]["launches"]) / 48
     extra_copies = (counts[96]["copies"] - counts[48]["copies"]) / 48
@@ -321,9 +447,9 @@ def _refine(data, out, ranks, device, options, env):
 CASES = {
     # (ranks, options): budgets of (launches, copies, synchronising reads) per particle
     # and iteration, all ranks together (the measured numbers are in the test's docstring)
-    (1, "adaptive"): (240, 4.1, 0.82),
-    (3, "adaptive"): (370, 7.6, 1.95),
-    (3, "relax-c4"): (256, 8.0, 1.42),
+    (1, "adaptive"): (36, 2.3, 0.82),
+    (3, "adaptive"): (72, 5.8, 1.95),
+    (3, "relax-c4"): (44, 6.0, 1.42),
 }
 OPTIONS = {"adaptive": ["--symmetry", "C4", "--adaptive-marginalization"],
            "relax-c4": ["--symmetry", "C4", "--symmetry-relaxation", "marginalization"]}
@@ -341,17 +467,18 @@ def test_refine_on_the_standin_writes_the_numpy_maps(c4_particles, tmp_path, ran
     =============  ========  ======  ===================
     case           launches  copies  synchronising reads
     =============  ========  ======  ===================
-    1 rank,  AM     198.4     3.41    0.68
-    3 ranks, AM     306.7     6.34    1.61
-    3 ranks, C4r    213.2     6.65    1.18
+    1 rank,  AM      29.4     1.91    0.66
+    3 ranks, AM      59.4     4.79    1.58
+    3 ranks, C4r     36.0     4.95    1.18
     =============  ========  ======  ===================
 
     (AM: C4 with --adaptive-marginalization; C4r: C4 relaxation by marginalization; one
-    rank with C4r, 158.8 launches, is left out for time: its rank serving both halves is
-    what the last of 3 ranks does too);
-    budgets are about 20 % above.  Most launches are the search's (its plan keeps 32
-    rotations per particle between levels: search/plan.py N_KEEP), so a change of the
-    plan moves them; the failure message lists the lines that launch the most.
+    rank with C4r is left out for time: its rank serving both halves is what the last
+    of 3 ranks does too); budgets are about 20 % above.  Before the fused extraction
+    and insertion kernels (fourier/kernels.py) the three took 198, 307 and 213 launches.
+    The GPU runs the kernels, the CPU the array code (MPIREFINE_JIT=0): the maps agree
+    bit for bit because the stand-in runs the kernels' threads in order.  The failure
+    message lists the lines that launch the most.
     """
     if ranks > 1 and MPIEXEC is None:
         pytest.skip("no mpiexec")
@@ -362,7 +489,7 @@ def test_refine_on_the_standin_writes_the_numpy_maps(c4_particles, tmp_path, ran
     gpu = _refine(data, gpu_out, ranks, "--gpu", options,
                   standin_env(CUPY_STANDIN_REPORT=str(report)))
     assert (cpu["backend"], gpu["backend"]) == ("numpy", "cupy")
-    assert cpu["projection_kernel"] == gpu["projection_kernel"] == "array"
+    assert (cpu["projection_kernel"], gpu["projection_kernel"]) == ("array", "cuda")
     assert gpu["n_ranks"] == ranks
 
     from mpirefine.io import read_particles, read_volume

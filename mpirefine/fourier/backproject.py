@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpirefine.backend import array_namespace
-from mpirefine.fourier import compiled
+from mpirefine.fourier import compiled, kernels
 from mpirefine.fourier.project import slice_coordinates, trilinear_stencil
 
 
@@ -44,26 +44,32 @@ class Accumulator:
         rotations: (R, 3, 3); values: (R, K) complex; weights: (R, K) real;
         kx, ky: (K,) frequencies in cycles per box of the unpadded images.
         NumPy accumulators use the compiled scatter of :mod:`mpirefine.fourier.compiled`
-        when Numba is installed; otherwise (and for CuPy) three bincounts.
+        when Numba is installed, CuPy ones the fused kernel of
+        :mod:`mpirefine.fourier.kernels`; otherwise (``MPIREFINE_JIT=0``) an unbuffered
+        scatter-add (``add.at``) of every sample's eight corners, in the order in
+        which the kernel's threads add them when they run one after another.
         """
         xp = array_namespace(self.data)
-        if compiled.enabled(xp) and self.data.flags.c_contiguous and self.weight.flags.c_contiguous:
+        contiguous = self.data.flags.c_contiguous and self.weight.flags.c_contiguous
+        if compiled.enabled(xp) and contiguous:
             compiled.insert_slices(self.data, self.weight, self.pad, rotations, values, weights, kx, ky)
+            return
+        if kernels.enabled(xp) and contiguous:
+            kernels.insert_slices(self.data, self.weight, self.pad, rotations, values, weights, kx, ky)
             return
         q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), self.pad)
         index, corner_w, flip = trilinear_stencil(*q, self.size)
-        values = xp.asarray(values)
+        values = xp.asarray(values, dtype=xp.complex64)
         values = xp.where(flip, xp.conj(values), values)
-        idx = index.ravel()
-        n_flat = self.data.size
-        cw = corner_w.reshape(8, -1)
-        vr = (cw * values.real.ravel()[None]).ravel()
-        vi = (cw * values.imag.ravel()[None]).ravel()
-        vw = (cw * xp.asarray(weights, dtype=xp.float32).ravel()[None]).ravel()
-        data = self.data.reshape(-1)
-        data += xp.bincount(idx, weights=vr, minlength=n_flat)
-        data += 1j * xp.bincount(idx, weights=vi, minlength=n_flat)
-        self.weight.reshape(-1)[...] += xp.bincount(idx, weights=vw, minlength=n_flat)
+        idx = xp.moveaxis(index, 0, -1).ravel()          # sample by sample, corners inside
+        cw = xp.moveaxis(corner_w, 0, -1)
+        vr = (cw * values.real[..., None]).ravel()
+        vi = (cw * values.imag[..., None]).ravel()
+        vw = (cw * xp.asarray(weights, dtype=xp.float32)[..., None]).ravel()
+        pairs = self.data.reshape(-1).view(xp.float64)   # [re, im] per voxel
+        xp.add.at(pairs, 2 * idx, vr)
+        xp.add.at(pairs, 2 * idx + 1, vi)
+        xp.add.at(self.weight.reshape(-1), idx, vw)
 
     def add(self, other: "Accumulator") -> None:
         self.data += other.data

@@ -39,8 +39,13 @@ def enabled(xp) -> bool:
 
 
 def kernel_name(xp) -> str:
-    """"numba" where the compiled kernel runs for ``xp``'s arrays, "array" otherwise."""
-    return "numba" if enabled(xp) else "array"
+    """"numba" where the compiled kernel runs for ``xp``'s arrays, "cuda" where the
+    fused CUDA kernels of :mod:`mpirefine.fourier.kernels` do, "array" otherwise."""
+    from mpirefine.fourier import kernels
+
+    if enabled(xp):
+        return "numba"
+    return "cuda" if kernels.enabled(xp) else "array"
 
 
 def projection_tables(vft, rotations, kx, ky, out=None, rows=None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpirefine.backend import array_namespace, to_numpy
-from mpirefine.fourier import compiled
+from mpirefine.fourier import compiled, kernels
 from mpirefine.fourier.transforms import (
     centered_irfft2,
     centered_rfft3,
@@ -146,11 +146,16 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     The same operator as :func:`trilinear_stencil` with a gather (the adjoint of
     insertion), written for speed: blocks of about 10⁵ samples stay in cache, and
     the zero frame of :meth:`VolumeFT.gather_table` replaces per-corner bounds checks.
-    NumPy arrays go through the compiled kernel when Numba is installed.
+    NumPy arrays go through the compiled kernel when Numba is installed, CuPy arrays
+    through the fused kernel of :mod:`mpirefine.fourier.kernels`.
     """
     xp = array_namespace(vft.data)
+    stacked = None
     if compiled.enabled(xp):
         stacked, _ = compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
+    elif kernels.enabled(xp):
+        stacked, _ = kernels.projection_tables(vft, rotations, kx, ky)
+    if stacked is not None:
         K = stacked.shape[1] // 2
         return (stacked[:, :K] + 1j * stacked[:, K:]).astype(xp.complex64)
     rotations = xp.asarray(rotations, dtype=xp.float32)
@@ -227,14 +232,18 @@ def projection_tables(vft: VolumeFT, rotations, kx, ky, out=None, rows=None):
     (R,), rotation r's tables go into row rows[r] of ``out`` (returned) instead.
 
     NumPy arrays go through the compiled kernel of :mod:`mpirefine.fourier.compiled`
-    when Numba is installed; otherwise (CuPy, or ``MPIREFINE_JIT=0``) the tables are
-    built block by block, so that each block's slices are still in cache when they are
-    stacked.
+    when Numba is installed, CuPy arrays through the fused kernel of
+    :mod:`mpirefine.fourier.kernels` (one launch); otherwise (``MPIREFINE_JIT=0``) the
+    tables are built block by block, so that each block's slices are still in cache
+    when they are stacked.
     """
     xp = array_namespace(vft.data)
-    if compiled.enabled(xp) and (out is None or all(a.flags.c_contiguous for a in out)):
+    contiguous = out is None or all(a.flags.c_contiguous for a in out)
+    if compiled.enabled(xp) and contiguous:
         return compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky),
                                           out, None if rows is None else to_numpy(rows))
+    if kernels.enabled(xp) and contiguous:
+        return kernels.projection_tables(vft, rotations, kx, ky, out, rows)
     R, K = rotations.shape[0], kx.shape[0]
     if out is None:
         out, rows = (xp.empty((R, 2 * K), xp.float32), xp.empty((R, K), xp.float32)), None

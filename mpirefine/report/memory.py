@@ -13,18 +13,19 @@ search (each half set a rank serves, one after the other)
     result included), with the previous half's transform and search tables still held
     by a rank that serves both halves; the search's global-grid tables, first-level
     projection cache and chunk arrays (:func:`mpirefine.search.poses.working_bytes`, at
-    the alignment resolution that needs the most), and on a GPU a slice-extraction
-    block (sized by the free memory: fourier/project.py); one batch of image transforms,
+    the alignment resolution that needs the most) and its scoring blocks (32 MB each
+    on the CPU, a share of the free memory on a GPU: search/poses.py ``block_bytes``;
+    a GPU extracts slices with a fused kernel, fourier/kernels.py, whose only
+    temporaries are the rotations); one batch of image transforms,
     windowed and not, and CTFs (20 bytes per half-plane pixel and image); on the host,
     up to three batches of raw images (the one in hand, the one read ahead, and its
     successor being read).
 insertion
-    the same arrays, plus the array path's insertion temporaries (:meth:`Accumulator.insert`
-    without the compiled kernel: what CuPy runs, and NumPy with MPIREFINE_JIT=0): per
-    inserted sample (image × pixel inside the Nyquist circle) 306 bytes while the
-    trilinear stencil is made (8 corner indices and weights, coordinates, their stacks),
-    then 242 bytes plus one full-grid sum (24 bytes per voxel: a float64 bincount and
-    its complex128 product) while the corners are summed into the grid.
+    the same arrays, plus on a NumPy rank the array path's insertion temporaries
+    (:meth:`Accumulator.insert` without the compiled kernel, MPIREFINE_JIT=0): 370 bytes
+    per inserted sample (image × pixel inside the Nyquist circle): the trilinear
+    stencil's corner indices and weights, coordinates, and the scatter-add's operands;
+    on a GPU the fused insertion kernel's float32 operands (12 bytes per sample).
 symmetrisation (with a point group of more than one operator)
     the accumulators, a framed float64 table of the folded sums (24 bytes per voxel),
     the two outputs (24 per voxel) and the slab being summed (tens of MB:
@@ -93,14 +94,15 @@ SYMMETRY_BYTES_PER_SLAB_POINT = 32      # a slab's output indices and coordinate
 SYMMETRY_BYTES_PER_CHUNK_POINT = 260    # rotated coordinates, corners, interpolated rows
 PACKED_PER_SPHERE_VOXEL = 12            # float32 (re, im, w) of the voxels reconstruction uses
 SLAB_RECONSTRUCT_PER_VOXEL = 64         # a slab's division and FFT steps, per voxel / parts
-# per inserted sample (image × pixel inside the Nyquist circle), the array path
-INSERT_STENCIL_PER_SAMPLE = 306
-INSERT_SUMS_PER_SAMPLE = 242
+# per inserted sample (image × pixel inside the Nyquist circle): the array path's
+# stencil and scatter-add operands; the GPU's fused kernel reads float32 copies of the
+# values' real and imaginary parts and of the weights
+INSERT_STENCIL_PER_SAMPLE = 370
+INSERT_KERNEL_PER_SAMPLE = 12
 # per image and half-plane pixel: the windowed transform the search scores and the
 # unwindowed one insertion uses (complex64 each), and the CTF (float32)
 BATCH_PER_PIXEL = 20
 PREPARE_PER_IMAGE_PIXEL = 37            # prepare_images' peak per image pixel, results included
-EXTRACTION_PER_SAMPLE = 118             # a slice-extraction block per sample, result included
 RAW_BATCHES = 3
 MAPS_PER_ROOT = 8                       # half, regularised maps, next references, masks
 FSC_SUITE_PER_MAP_VOXEL = 172
@@ -192,29 +194,6 @@ def search_bytes(box: int, image_batch_size: int, radius_px: float | None = None
     return working_bytes(params, math.ceil(_grid_rotations() / max(1, symmetry_order)), n_freq)
 
 
-@lru_cache(maxsize=4096)
-def search_extraction_samples(box: int, image_batch_size: int, radius_px: float | None = None,
-                              symmetry_order: int = 1) -> int:
-    """Most slice samples (rotations × frequencies) one extraction call of the search
-    asks for: the global grid's tables, the first-level cache's fill, or a scoring
-    block's own projections; at ``radius_px`` or the radius that needs the most."""
-    from mpirefine.geometry.grids import ROTATION_STENCILS
-    from mpirefine.search import poses
-
-    if radius_px is None:
-        return max(search_extraction_samples(box, image_batch_size, float(r), symmetry_order)
-                   for r in range(2, max(3, box // 2)))
-    params = _search_params(box, image_batch_size, min(radius_px, box // 2 - 1))
-    n_freq = [_half_plane_pixels(r) for r in params.level_radii_px()]
-    n_grid = math.ceil(_grid_rotations() / max(1, symmetry_order))
-    cached = search_bytes(box, image_batch_size, radius_px, symmetry_order)["level-1 cache"]
-    # the cache's fill: the keys a chunk's kept rotations need that are not in it yet
-    keys = min(n_grid, image_batch_size * params.n_keep) * len(ROTATION_STENCILS["hopf"])
-    level1 = keys * n_freq[1] if cached else 0
-    return max(n_grid * n_freq[0], level1,
-               poses._BLOCK_BYTES // poses._TABLE_BYTES_PER_ENTRY)
-
-
 # ------------------------------------------------------------------------ the roles
 
 def _roles(n_ranks: int) -> list[dict]:
@@ -243,24 +222,47 @@ def _moment(device=None, host=None, staging=None, batch: bool = False) -> dict:
 
 # Not in a NumPy rank's resident memory: zeroed arrays not written yet (on a GPU they
 # are allocated; in host RAM the kernel maps their pages when they are first written:
-# np.zeros is calloc), and the slice extraction's blocks, which a GPU sizes by its free
-# memory (fourier/project.py samples_per_block; on the CPU they are 2¹⁷ samples).
-_UNWRITTEN = ("new accumulator (zeroed)", "slice extraction blocks (GPU)")
+# np.zeros is calloc), and what only a GPU rank holds: its scoring blocks, sized by its
+# free memory (search/poses.py block_bytes), and the fused insertion kernel's operands.
+_UNWRITTEN = ("new accumulator (zeroed)", "scoring blocks (GPU)", "insertion operands (GPU)")
+# What only a NumPy rank holds: cache-sized scoring blocks and the array path's stencil
+# (a GPU inserts with a fused kernel, fourier/kernels.py).
+_CPU_ONLY = ("scoring blocks (CPU)", "insertion temporaries")
 
 
-def gpu_extraction_bytes(samples: int, gpu_free_bytes: float | None) -> int:
-    """Device bytes of one slice-extraction block on a GPU (fourier/project.py): as many
-    samples as a call needs, but at most what its sizing allows (5 % of the free memory
-    at 160 bytes a sample, at least 2¹⁷ and at most 2²⁴ samples); a block's temporaries
-    and result take EXTRACTION_PER_SAMPLE bytes a sample."""
-    from mpirefine.fourier import project
+@lru_cache(maxsize=4096)
+def search_scoring_bytes_per_particle(box: int, image_batch_size: int,
+                                      radius_px: float | None = None,
+                                      symmetry_order: int = 1) -> int:
+    """The most scoring temporaries a particle needs at any level of the search
+    (:func:`mpirefine.search.poses.largest_scoring_bytes_per_particle`), at alignment
+    radius ``radius_px`` or the radius that needs the most (None)."""
+    from mpirefine.search.poses import largest_scoring_bytes_per_particle
 
-    cap = project._DEVICE_MAX_SAMPLES
-    if gpu_free_bytes is not None:
-        cap = max(project._SAMPLES_PER_BLOCK,
-                  min(cap, int(gpu_free_bytes * project._DEVICE_MEMORY_FRACTION)
-                      // project._DEVICE_BYTES_PER_SAMPLE))
-    return EXTRACTION_PER_SAMPLE * min(int(samples), cap)
+    if radius_px is None:
+        return max(search_scoring_bytes_per_particle(box, image_batch_size, float(r),
+                                                     symmetry_order)
+                   for r in range(2, max(3, box // 2)))
+    params = _search_params(box, image_batch_size, min(radius_px, box // 2 - 1))
+    n_freq = [_half_plane_pixels(r) for r in params.level_radii_px()]
+    return largest_scoring_bytes_per_particle(
+        params, math.ceil(_grid_rotations() / max(1, symmetry_order)), n_freq)
+
+
+def gpu_scoring_bytes(per_particle: int, batch: int, gpu_free_bytes: float | None) -> int:
+    """Device bytes of a GPU rank's live scoring blocks: _LIVE_BLOCKS blocks, each a
+    share of the free memory (search/poses.py ``block_bytes``; as large as they get
+    when it is not known), but no more than the batch's particles need."""
+    from mpirefine.search import poses
+
+    free = (poses._DEVICE_MAX_BLOCK_BYTES / poses._DEVICE_BLOCK_FRACTION
+            if gpu_free_bytes is None else gpu_free_bytes)
+    block = min(poses.block_bytes(None, free), max(per_particle, per_particle * int(batch)))
+    return poses._LIVE_BLOCKS * block
+
+
+def _gpu(m: dict) -> int:
+    return sum(v for k, v in m["device"].items() if k not in _CPU_ONLY)
 
 
 def _ram(m: dict) -> int:
@@ -273,7 +275,7 @@ def _peak(moments: list[dict], key) -> dict:
 
 
 def _role_phases(role: dict, g: dict, n_ranks: int, batch: int, order: int, search: dict,
-                 held_host: dict, extraction: tuple[int, int] = (0, 0)) -> dict:
+                 held_host: dict, gpu_scoring: int = 0) -> dict:
     """{phase: moment} for one role: each phase's moment of most RAM on a NumPy rank,
     with "gpu" (the moment of most device memory) and "gpu_host" (most host RAM on a
     GPU rank) beside it."""
@@ -284,7 +286,6 @@ def _role_phases(role: dict, g: dict, n_ranks: int, batch: int, order: int, sear
     map_bytes = 4 * g["map"]
     vft = VFT_PER_VOXEL * V + GATHER_TABLE_PER_ENTRY * g["gather_table"]
     search_tables = search.get("global grid tables", 0) + search.get("level-1 cache", 0)
-    search_work = search.get("chunk data", 0) + search.get("scoring blocks", 0)
     batch_arrays = BATCH_PER_PIXEL * batch * g["half_plane"]
     raw = {"raw images (read ahead)": RAW_BATCHES * 4 * batch * g["image"]}
     samples = batch * g["inserted"]
@@ -314,22 +315,18 @@ def _role_phases(role: dict, g: dict, n_ranks: int, batch: int, order: int, sear
                                                 + VOLUME_FT_PER_CUBE_VOXEL * g["cube"])
     if halves == 2:
         making["previous half's transform and tables"] = vft + search_tables
-    gpu_blocks = "slice extraction blocks (GPU)"
-    chunk = search.get("chunk data", 0)
     phases["search"] = [
         _moment(making, host()),
         # a batch's preparation (before its search), then the search: its chunk and
-        # either its scoring blocks or a slice-extraction block at a time
+        # its scoring blocks (cache-sized on the CPU, a share of free memory on a GPU)
         _moment(dict(pass_device, **{"image preparation": PREPARE_PER_IMAGE_PIXEL * batch
                                      * g["image"]}), host(), batch=True),
-        _moment(dict(pass_device, **{"search working arrays": search_work}), host(), batch=True),
-        _moment(dict(pass_device, **{"search chunk": chunk, gpu_blocks: extraction[0]}), host(),
-                batch=True)]
+        _moment(dict(pass_device, **{"search chunk": search.get("chunk data", 0),
+                                     "scoring blocks (CPU)": search.get("scoring blocks", 0),
+                                     "scoring blocks (GPU)": gpu_scoring}), host(), batch=True)]
     phases["insertion"] = [_moment(dict(pass_device, **{
-        "insertion temporaries": max(INSERT_STENCIL_PER_SAMPLE * samples,
-                                     FULL_SUM_PER_VOXEL * V + INSERT_SUMS_PER_SAMPLE * samples)}),
-        host(), batch=True),
-        _moment(dict(pass_device, **{gpu_blocks: extraction[1]}), host(), batch=True)]
+        "insertion temporaries": INSERT_STENCIL_PER_SAMPLE * samples,
+        "insertion operands (GPU)": INSERT_KERNEL_PER_SAMPLE * samples}), host(), batch=True)]
     roots = halves if not distributed else 0
     if order > 1:
         if distributed:   # in the pass, as soon as a half's sums are complete
@@ -367,14 +364,12 @@ def _role_phases(role: dict, g: dict, n_ranks: int, batch: int, order: int, sear
     out = {}
     for phase, moments in phases.items():
         best = dict(_peak(moments, _ram))
-        best["gpu"] = max(sum(m["device"].values()) for m in moments)
+        best["gpu"] = max(_gpu(m) for m in moments)
         best["gpu_host"] = max(sum(m["host"].values()) + sum(m["staging"].values())
                                for m in moments)
         best["gpu_staging"] = max(sum(m["staging"].values()) for m in moments)
-        best["gpu_by_batch"] = max([sum(m["device"].values()) for m in moments if m["batch"]],
-                                   default=0)
-        best["gpu_fixed"] = max([sum(m["device"].values()) for m in moments if not m["batch"]],
-                                default=0)
+        best["gpu_by_batch"] = max([_gpu(m) for m in moments if m["batch"]], default=0)
+        best["gpu_fixed"] = max([_gpu(m) for m in moments if not m["batch"]], default=0)
         best["ram"] = _ram(best)
         out[phase] = best
     return out
@@ -419,11 +414,10 @@ def memory_plan(box: int, n_particles: int, n_ranks: int, image_batch_size: int 
         image_batch_size = max(1, min(requested, share))
     radius = None if alignment_radius_px is None else float(alignment_radius_px)
     search = search_bytes(int(box), int(image_batch_size), radius, max(1, int(symmetry_order)))
-    extraction = (
-        gpu_extraction_bytes(search_extraction_samples(int(box), int(image_batch_size), radius,
-                                                       max(1, int(symmetry_order))),
-                             gpu_free_bytes),
-        gpu_extraction_bytes(int(image_batch_size) * g["inserted"], gpu_free_bytes))
+    gpu_scoring = gpu_scoring_bytes(
+        search_scoring_bytes_per_particle(int(box), int(image_batch_size), radius,
+                                          max(1, int(symmetry_order))),
+        int(image_batch_size), gpu_free_bytes)
     plan_order = max(int(symmetry_order), 2)
     roles = []
     for role in _roles(int(n_ranks)):
@@ -436,7 +430,7 @@ def memory_plan(box: int, n_particles: int, n_ranks: int, image_batch_size: int 
         else:
             held["masks"] = role["halves"] * 4 * g["map"]
         phases = _role_phases(role, g, int(n_ranks), int(image_batch_size), plan_order, search,
-                              held, extraction)
+                              held, gpu_scoring)
         counted = [p for p in PHASES if p in phases and (p != "symmetrisation"
                                                          or symmetry_order > 1)]
         ram_phase = max(counted, key=lambda p: phases[p]["ram"])

@@ -60,7 +60,11 @@ from mpirefine.search.likelihood import (
 # The memory model (bytes): what the search sizes its chunks, blocks and cache by, and
 # what working_bytes reports (mpirefine.report.memory).
 _MiB = 2 ** 20
-_BLOCK_BYTES = 32 << 20  # scoring temporaries per block: reused by the allocator, near cache
+_BLOCK_BYTES = 32 << 20  # CPU: scoring temporaries per block: reused by the allocator, near cache
+# A GPU sizes its blocks by its free memory instead (each block is some 20 kernel
+# launches, so cache-sized blocks of a few particles would be launch-bound):
+_DEVICE_BLOCK_FRACTION = 0.04   # of the free device memory per block (_LIVE_BLOCKS live)
+_DEVICE_MAX_BLOCK_BYTES = 4 << 30
 _LIVE_BLOCKS = 3  # block-sized arrays held at once: a block's scores, likelihoods and tables
 _CHUNK_BYTES_PER_FREQ = 24  # a chunk's X, C, w C X and w C² at each search frequency
 _CHUNK_BYTES_PER_PARTICLE = 4096  # kept poses, children, shifts
@@ -309,7 +313,7 @@ def _scored_blocks(reference, chunk: _Chunk, poses: _Poses, level, params, stats
     K = reference.n_freq[level]
     kx, ky = reference.kx[:K], reference.ky[:K]
     tables = _table_source(reference, level, poses, K, stats)
-    for blk in _blocks(chunk.size, poses, K):
+    for blk in _blocks(chunk.size, poses, K, reference.block_bytes):
         p = poses.rows(blk)
         g, h = _score_block(chunk.wcx[blk, :K], chunk.wc2[blk, :K], p, tables.rows(blk), kx, ky,
                             reference.vft.n, stats)
@@ -436,17 +440,44 @@ def working_bytes(params: SearchParams, n_grid: int, n_freq: list[int]) -> dict:
     }
 
 
+def largest_scoring_bytes_per_particle(params: SearchParams, n_grid: int,
+                                       n_freq: list[int]) -> int:
+    """The most scoring temporaries one particle of a block needs at any level: level 0
+    scores the whole global grid (shared tables) at every lattice shift, the deeper
+    levels each kept rotation's children (own tables) at up to 4 shifts per kept one;
+    a block holds max_bytes // this many particles or more."""
+    n_shifts0 = len(grids.shift_grid(params.shift_range_px, params.coarse_shift_step_px))
+    sizes = [scoring_bytes_per_particle(n_shifts0, n_grid, n_freq[0], own_tables=False)]
+    for level in range(1, params.n_levels + 1):
+        n_child = len(grids.ROTATION_STENCILS["hopf" if level == 1 else "octant"])
+        sizes.append(scoring_bytes_per_particle(4 * params.n_keep, params.n_keep * n_child,
+                                                n_freq[level], own_tables=True))
+    return max(sizes)
+
+
 def _keeps_cache(params, n_level1: int, n_freq: list[int]) -> bool:
     """The first level's projection cache is kept when it fits in _CACHE_SHARE of max_chunk_MB."""
     return bool(params.n_levels) and (
         _table_bytes(n_level1, n_freq[1]) <= _CACHE_SHARE * params.max_chunk_MB * _MiB)
 
 
-def _blocks(b, poses: _Poses, K):
-    """Slices of a chunk's particles whose scoring temporaries stay near _BLOCK_BYTES."""
+def block_bytes(xp, gpu_free_bytes: float | None = None) -> int:
+    """Scoring temporaries per block: _BLOCK_BYTES on the CPU; on a GPU
+    _DEVICE_BLOCK_FRACTION of its free memory (``gpu_free_bytes``, else asked of the
+    device), at least _BLOCK_BYTES and at most _DEVICE_MAX_BLOCK_BYTES."""
+    if gpu_free_bytes is None:
+        if getattr(xp, "cuda", None) is None:   # NumPy
+            return _BLOCK_BYTES
+        gpu_free_bytes, _total = xp.cuda.runtime.memGetInfo()
+    return int(max(_BLOCK_BYTES, min(_DEVICE_MAX_BLOCK_BYTES,
+                                     gpu_free_bytes * _DEVICE_BLOCK_FRACTION)))
+
+
+def _blocks(b, poses: _Poses, K, max_bytes: int):
+    """Slices of a chunk's particles whose scoring temporaries stay near ``max_bytes``."""
     T, C = poses.shifts.shape[1], poses.keys.shape[1]
     per_particle = scoring_bytes_per_particle(T, C, K, own_tables=poses.keys.shape[0] > 1)
-    step = int(max(1, _BLOCK_BYTES // per_particle))
+    step = int(max(1, max_bytes // per_particle))
     return [slice(i, min(b, i + step)) for i in range(0, b, step)]
 
 
@@ -495,6 +526,7 @@ class SearchReference:
         self.kx, self.ky, self.index, radius = search_frequencies(vft.n, radii[-1], xp)
         self.n_freq = [count_within(radius, r) for r in radii]
         n_level1 = len(grids.ROTATION_STENCILS["hopf"]) * len(grid)
+        self.block_bytes = block_bytes(xp)   # fixed for the search: the same blocks every chunk
         self.cache = None
         if _keeps_cache(params, n_level1, self.n_freq):
             self.cache = _ProjectionCache(n_level1, self.n_freq[1], xp)

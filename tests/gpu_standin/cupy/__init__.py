@@ -11,6 +11,11 @@ copies and synchronising reads.  The rules and counters are described in
 them, and CUPY_STANDIN_REPORT=<prefix> makes every process write its counters to
 <prefix>.<pid>.json at exit.  CUPY_STANDIN_DEVICES sets how many GPUs it shows (1).
 
+``cupy.RawKernel`` compiles a kernel's CUDA C source with g++ (without fused
+multiply-adds) and runs its launch grid serially on the CPU, one launch counted per
+call; it refuses what a serial run cannot honour (shared memory, barriers, warp
+intrinsics) and arguments a GPU would misread (:mod:`cupy._kernels`).
+
 It never stands in for a real CuPy: if another ``cupy`` is importable from
 ``sys.path``, importing this one raises ImportError.  Results are NumPy's, so they
 are bit-identical to mpirefine's NumPy array path (``MPIREFINE_JIT=0``), not to a GPU.
@@ -52,6 +57,7 @@ from cupy._standin import ndarray, ufunc  # noqa: E402,F401
 _standin._write_report_at_exit()
 
 from cupy import cuda, fft, linalg  # noqa: E402,F401
+from cupy._kernels import RawKernel  # noqa: E402,F401
 
 # Top-level names of CuPy 13.4 and 14.2 alike (cupy/__init__.py of both): anything
 # else raises AttributeError, as it would with CuPy.

@@ -22,12 +22,17 @@ each rule is named where it matters):
 - Functions CuPy lacks (present in NumPy or not) raise AttributeError; so do array
   methods CuPy's ndarray lacks.
 - Reductions and element access return 0-d device arrays, never host scalars.
+- ``cupy.RawKernel`` (:mod:`cupy._kernels`: CUDA C compiled with g++, the grid run
+  serially) takes device arrays only, C-contiguous and of the dtype of the pointer
+  parameter, and scalars only as NumPy scalars of the parameter's exact type; it
+  refuses shared memory, ``__syncthreads``, warp intrinsics and CUDA headers.
 
 Counters (``counts()``, ``reset()``, ``counting()``):
 
 - ``launches``: calls that produce array data on the device, about one kernel launch
   each: every ufunc, reduction, FFT, matmul, copy, fill, creation (``empty`` excepted),
-  advanced indexing, assignment.  Calls that return only views of their inputs
+  advanced indexing, assignment, ``RawKernel`` call (``RawKernel:<name>``; what the
+  kernel reads and writes is no copy).  Calls that return only views of their inputs
   (basic indexing, reshape of contiguous data, transpose, ``.real``, broadcast_to,
   astype to the same dtype without copy) count none.
 - ``h2d`` / ``d2h`` (and ``*_bytes``): explicit and implicit copies between host and
