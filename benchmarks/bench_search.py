@@ -12,7 +12,8 @@ threads.
 
 ``--backend gpu`` runs on CuPy.  Without a GPU, MPIREFINE_CUPY_STANDIN=1 runs it on the
 CuPy stand-in of tests/gpu_standin (NumPy underneath; never in place of an installed
-CuPy) and adds ``standin_counts``: kernel launches, host/device copies and
+CuPy), sizing the work for a device of CUPY_STANDIN_DEVICE_MEMORY bytes (default 80 GB,
+an H100), and adds ``standin_counts``: kernel launches, host/device copies and
 synchronising reads per particle and search, and the lines that launch the most.
 """
 
@@ -144,6 +145,7 @@ def main(argv=None):
         report["device_pool_total_bytes"] = int(pool.total_bytes())
         report["cupy"] = xp.__version__
     if standin:
+        report["standin_device_memory_bytes"] = int(float(os.environ["CUPY_STANDIN_DEVICE_MEMORY"]))
         report["standin_counts"] = _per_particle(counted, standin.counts(),
                                                  args.repeats * args.particles)
     text = json.dumps(report, indent=2, default=float)
@@ -170,6 +172,8 @@ def _cupy_standin():
         return None
     if spec is None:
         sys.path.insert(0, standin)
+    # size the work as on an 80 GB GPU (H100) unless told otherwise
+    os.environ.setdefault("CUPY_STANDIN_DEVICE_MEMORY", str(80 * 10 ** 9))
     import cupy
 
     return cupy._standin

@@ -367,11 +367,13 @@ def test_search_on_the_standin_is_the_numpy_array_path(cupy, monkeypatch, margin
     """Bit for bit the same poses, shifts, likelihoods and posteriors.
 
     Budget per particle and search (32 px, 48 particles, 4 levels, one chunk), measured
-    with the fused extraction kernel (fourier/kernels.py): without marginalization 2.35
-    launches and 0.75 copies, with it 2.60 launches and 0.79 copies; no synchronising
-    read (with the array code's extraction: 32.6 and 1.08).  Budgets: 3 launches, 0.95
-    copies (about 20 % above).  Nearly all of them are per search or per block of
-    particles, not per particle (next test).
+    with the fused extraction kernel (fourier/kernels.py) and the poses on the device:
+    without marginalization 4.90 launches, 0.56 copies and 0.19 synchronising reads,
+    with it 5.27, 0.62 and 0.19 (with the array code's extraction and the poses on the
+    host: 32.6 launches, 1.08 copies, no read).  Budgets about 20 % above.  All of them
+    are per search or per block of particles, not per particle (next test): the reads
+    are the number of distinct shifts of each level's children and the first level's
+    projection cache fill (data-dependent sizes), and the count of poses scored.
     """
     from cupy import _standin
 
@@ -386,9 +388,9 @@ def test_search_on_the_standin_is_the_numpy_array_path(cupy, monkeypatch, margin
     launches, copies = c["launches"] / B, (c["h2d"] + c["d2h"]) / B
     print(f"\nsearch on the stand-in, per particle: {launches:.2f} launches, {copies:.2f} copies, "
           f"{c['syncs'] / B:.2f} syncs")
-    assert launches <= 3, sorted(c["by_site"].items(), key=lambda kv: -kv[1])[:15]
-    assert copies <= 0.95, c["copy_sites"]
-    assert c["syncs"] == 0, c["sync_sites"]
+    assert launches <= 6.4, sorted(c["by_site"].items(), key=lambda kv: -kv[1])[:15]
+    assert copies <= 0.75, c["copy_sites"]
+    assert c["syncs"] / B <= 0.23, c["sync_sites"]
 
 
 @standin
@@ -396,10 +398,10 @@ def test_search_launches_and_copies_do_not_grow_with_the_particles(cupy, monkeyp
     """No loop over particles: with slice extraction in one launch per call (the fused
     kernel) and scoring blocks sized by the device's memory, 96 particles cost what 48 do.
 
-    Measured (32 px, 4 levels, one chunk): 113 launches, 36 copies for 48 particles,
-    the same for 96.  Budgets: 1 launch and 0.15 copies per further particle, no
-    synchronising read.  A loop over the particles of a block (one GEMM each, say)
-    adds 6 launches per particle.
+    Measured (32 px, 4 levels, one chunk): 235 launches, 27 copies and 9 synchronising
+    reads for 48 particles, the same for 96.  Budgets: 1 launch and 0.15 copies per
+    further particle, and no further read.  A loop over the particles of a block (one
+    GEMM each, say) adds 6 launches per particle.
     """
     from cupy import _standin
 
@@ -411,7 +413,7 @@ def test_search_launches_and_copies_do_not_grow_with_the_particles(cupy, monkeyp
     grown = {k: v for k, v in counts[96]["by_site"].items() if v > counts[48]["by_site"].get(k, 0)}
     assert extra_launches <= 1.0, sorted(grown.items(), key=lambda kv: -kv[1])[:10]
     assert extra_copies <= 0.15, counts[96]["copy_sites"]
-    assert counts[48]["syncs"] == counts[96]["syncs"] == 0
+    assert counts[48]["syncs"] == counts[96]["syncs"], counts[96]["sync_sites"]
 
 
 # ---------------------------------------------------------------- 3. refine, end to end
@@ -447,9 +449,9 @@ def _refine(data, out, ranks, device, options, env):
 CASES = {
     # (ranks, options): budgets of (launches, copies, synchronising reads) per particle
     # and iteration, all ranks together (the measured numbers are in the test's docstring)
-    (1, "adaptive"): (36, 2.3, 0.82),
-    (3, "adaptive"): (72, 5.8, 1.95),
-    (3, "relax-c4"): (44, 6.0, 1.42),
+    (1, "adaptive"): (40, 2.3, 0.6),
+    (3, "adaptive"): (77, 5.6, 1.5),
+    (3, "relax-c4"): (49, 5.7, 1.5),
 }
 OPTIONS = {"adaptive": ["--symmetry", "C4", "--adaptive-marginalization"],
            "relax-c4": ["--symmetry", "C4", "--symmetry-relaxation", "marginalization"]}
@@ -467,15 +469,16 @@ def test_refine_on_the_standin_writes_the_numpy_maps(c4_particles, tmp_path, ran
     =============  ========  ======  ===================
     case           launches  copies  synchronising reads
     =============  ========  ======  ===================
-    1 rank,  AM      29.4     1.91    0.66
-    3 ranks, AM      59.4     4.79    1.58
-    3 ranks, C4r     36.0     4.95    1.18
+    1 rank,  AM      32.9     1.91    0.50
+    3 ranks, AM      64.2     4.62    1.26
+    3 ranks, C4r     40.6     4.75    1.26
     =============  ========  ======  ===================
 
     (AM: C4 with --adaptive-marginalization; C4r: C4 relaxation by marginalization; one
     rank with C4r is left out for time: its rank serving both halves is what the last
     of 3 ranks does too); budgets are about 20 % above.  Before the fused extraction
-    and insertion kernels (fourier/kernels.py) the three took 198, 307 and 213 launches.
+    and insertion kernels (fourier/kernels.py) and the poses on the device, the three
+    took 198, 307 and 213 launches, 3.4, 6.3 and 6.7 copies.
     The GPU runs the kernels, the CPU the array code (MPIREFINE_JIT=0): the maps agree
     bit for bit because the stand-in runs the kernels' threads in order.  The failure
     message lists the lines that launch the most.

@@ -32,15 +32,15 @@ from mpirefine.fourier.reconstruct import (
 )
 from mpirefine.fourier.transforms import centered_irfft3, centered_rfft3, radius_3d
 from mpirefine.postprocess.fsc import fsc_curve
-from mpirefine.postprocess.masks import dynamic_mask
-from mpirefine.refinement.halfmaps import fsc_from_shell_sums, fsc_shell_sums
-from mpirefine.refinement.references import (
+from mpirefine.postprocess.masks import (
+    dynamic_mask,
     dynamic_mask_rows,
-    filter_reference_planes,
     mask_halo_rows,
-    next_references,
-    split_shell,
+    soft_dilate,
+    threshold_core,
 )
+from mpirefine.refinement.halfmaps import fsc_from_shell_sums, fsc_shell_sums
+from mpirefine.refinement.references import filter_reference_planes, next_references, split_shell
 
 PAD = 2
 
@@ -184,13 +184,15 @@ def test_slab_references_equal_next_references():
 
 @pytest.mark.parametrize("absolute, near, far", [(False, 0.5, 1.2), (True, 0.5, 1.2), (False, 1.0, 0.5)])
 def test_dynamic_mask_by_rows_equals_dynamic_mask(absolute, near, far):
-    """Voxel for voxel, with each slab seeing only the rows within the mask's reach."""
+    """Voxel for voxel, with each slab seeing only the rows within the mask's reach, and
+    the whole map's (dynamic_mask), the same as the mask grown with SciPy's exact EDT."""
     from scipy.ndimage import gaussian_filter
 
     n, parts, px, res = 32, 4, 1.5, 4.0
     rng = np.random.default_rng(5)
     vol = gaussian_filter(rng.standard_normal((n, n, n)), 2.0).astype(np.float32)
-    expected = dynamic_mask(vol, res, px, 0.3, near, far, absolute)
+    expected = soft_dilate(threshold_core(vol, 0.3, absolute), px, near * res, far * res)
+    assert np.array_equal(dynamic_mask(vol, res, px, 0.3, near, far, absolute), expected)
     halo = mask_halo_rows(res, px, near, far)
     assert halo < n // parts + halo < n   # the slabs really miss rows of the map
     rows = vol.transpose(1, 0, 2)
@@ -209,7 +211,7 @@ def test_bounded_distance_is_exact_within_its_reach():
     any run of rows; beyond h it only says "farther than h"."""
     from scipy.ndimage import distance_transform_edt
 
-    from mpirefine.refinement.references import _squared_distance_to
+    from mpirefine.postprocess.masks import _squared_distance_to
 
     rng = np.random.default_rng(0)
     for _ in range(30):

@@ -68,11 +68,13 @@ def radius_2d(n: int, xp):
 
 
 def insertion_frequencies(n: int, xp):
-    """(kx, ky, mask) of the half-plane pixels inside the Nyquist circle (flattened):
-    the pixels a particle is inserted at and compared with its projection."""
-    ky, kx = freq_grid_2d(n, xp)
-    inside = (radius_2d(n, xp) <= n // 2).ravel()
-    return kx.ravel()[inside], ky.ravel()[inside], inside
+    """(kx, ky, index) of the half-plane pixels inside the Nyquist circle: the pixels a
+    particle is inserted at and compared with its projection; ``index`` (int64, in
+    ascending order) points into the flattened (n, n // 2 + 1) grid.  Found on the
+    host, so that a device never reads a mask's size back."""
+    ky, kx = freq_grid_2d(n, np)
+    index = np.flatnonzero(radius_2d(n, np) <= n // 2)
+    return xp.asarray(kx.ravel()[index]), xp.asarray(ky.ravel()[index]), xp.asarray(index)
 
 
 def radius_3d(n: int, xp):

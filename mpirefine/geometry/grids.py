@@ -22,17 +22,20 @@ lies in such a box around one of its nearest grid points.
 Shifts (:func:`shift_grid`, :func:`shift_children`): a square lattice of spacing
 ``step_px`` inside a disc, subdivided the same way (4 children at ±step/4).
 
-All functions run on the host with NumPy (float64): poses are few compared with
-pixels, and the search copies the matrices to the device when it projects.
+The global grids are made on the host with NumPy (float64); the subdivisions
+(:func:`rotation_children`, :func:`shift_children`, :func:`unique_shifts`) run in the
+namespace of their input, so that the search's poses stay on its device.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from mpirefine.backend import array_namespace
 from mpirefine.geometry.rotations import euler_to_matrix
 
 #: Rotation-vector offsets (particle frame) of the children, in units of the parent's step.
@@ -93,9 +96,17 @@ def rotation_children(parents, step_deg: float, stencil: str = "octant") -> np.n
     particle frame); the children form a grid of step ``step_deg / 2``.  Octant children
     lie √3/4·step from their parent, hopf children at most 3/4·step.
     """
-    A = np.asarray(parents, dtype=np.float64).reshape(-1, 3, 3)
-    offsets = Rotation.from_rotvec(ROTATION_STENCILS[stencil] * math.radians(step_deg)).as_matrix()
-    return np.einsum("cij,pjk->pcik", offsets, A)
+    xp = array_namespace(parents)
+    A = xp.asarray(parents, dtype=xp.float64).reshape(-1, 3, 3)
+    return xp.einsum("cij,pjk->pcik", xp.asarray(_stencil_matrices(stencil, step_deg)), A)
+
+
+@lru_cache(maxsize=64)
+def _stencil_matrices(stencil: str, step_deg: float) -> np.ndarray:
+    """exp(u_c · step) of a stencil's offsets, (c, 3, 3) (read-only: it is shared)."""
+    m = Rotation.from_rotvec(ROTATION_STENCILS[stencil] * math.radians(step_deg)).as_matrix()
+    m.flags.writeable = False
+    return m
 
 
 def shift_grid(range_px: float, step_px: float) -> np.ndarray:
@@ -118,25 +129,29 @@ def shift_children(parents, step_px: float) -> np.ndarray:
     parents: (..., 2) shifts in pixels.  Children sit at ±step/4 in x and y, forming a
     lattice of spacing step/2.
     """
-    t = np.asarray(parents, dtype=np.float64)
-    return t[..., None, :] + _SQUARE_CORNERS * step_px
+    xp = array_namespace(parents)
+    t = xp.asarray(parents, dtype=xp.float64)
+    return t[..., None, :] + xp.asarray(_SQUARE_CORNERS * step_px)
 
 
 def unique_shifts(shifts):
     """Drop repeated shifts within each row, padding rows to a common length.
 
-    shifts: (b, m, 2).  Returns (b, T, 2) and valid (b, T) bool, T the largest number of
-    distinct shifts in a row; padding repeats the row's first shift and is invalid.
-    Children of equal parents come from the same arithmetic, so exact comparison finds
-    every repeat.
+    shifts: (b, m, 2), NumPy or CuPy.  Returns (b, T, 2) and valid (b, T) bool, T the
+    largest number of distinct shifts in a row: each row's distinct shifts in the order
+    of their first appearance, then padding that repeats the row's first shift and is
+    invalid.  Children of equal parents come from the same arithmetic, so exact
+    comparison finds every repeat.  Rows are short (4 children of each kept pose), so
+    every pair is compared; reading T is the one synchronising step on a GPU.
     """
+    xp = array_namespace(shifts)
     b, m = shifts.shape[:2]
-    order = np.lexsort((shifts[..., 1], shifts[..., 0]), axis=-1)
-    s = np.take_along_axis(shifts, order[..., None], axis=1)
-    new = np.ones((b, m), bool)
-    new[:, 1:] = np.any(s[:, 1:] != s[:, :-1], axis=-1)
+    same = xp.all(shifts[:, :, None, :] == shifts[:, None, :, :], axis=-1)     # (b, m, m)
+    earlier = xp.tril(xp.ones((m, m), dtype=bool), k=-1)                      # j < i
+    new = ~xp.any(same & earlier, axis=2)
     count = new.sum(axis=1)
-    out = np.repeat(s[:, :1], int(count.max()), axis=1)
-    rows, cols = np.nonzero(new)
-    out[rows, np.cumsum(new, axis=1)[rows, cols] - 1] = s[rows, cols]
-    return out, np.arange(out.shape[1])[None, :] < count[:, None]
+    T = int(count.max())
+    column = xp.where(new, xp.cumsum(new, axis=1) - 1, T)     # repeats go to a spare column
+    out = xp.repeat(shifts[:, :1], T + 1, axis=1)
+    out[xp.arange(b)[:, None], column] = shifts
+    return out[:, :T], xp.arange(T)[None, :] < count[:, None]

@@ -78,7 +78,7 @@ def residual_power_sums(vft, images_ft, ctf, rotations, shifts_px, scale):
 def images_at_poses(vft, images_ft, rotations, shifts_px, scale):
     """(x, a P, inside): the images shifted to their poses and their scaled projections
     (no CTF), both (B, K) on the K half-plane pixels inside the Nyquist circle (the
-    flat mask ``inside``); arguments as for :func:`residual_power_sums`."""
+    flat index ``inside``); arguments as for :func:`residual_power_sums`."""
     xp = array_namespace(images_ft)
     n, B = vft.n, images_ft.shape[0]
     kx, ky, inside = insertion_frequencies(n, xp)

@@ -43,13 +43,9 @@ from mpirefine.fourier.transforms import (
     shell_sums,
 )
 from mpirefine.postprocess.fsc import fsc_curve, fsc_weight
+from mpirefine.postprocess.masks import dynamic_mask_rows, mask_halo_rows
 from mpirefine.refinement.images import ctf_grid, open_images, prepare_images
-from mpirefine.refinement.references import (
-    dynamic_mask_rows,
-    filter_reference_planes,
-    mask_halo_rows,
-    split_shell,
-)
+from mpirefine.refinement.references import filter_reference_planes, split_shell
 
 PAD = 2
 

@@ -474,12 +474,15 @@ def update_references(job: Job, halves) -> None:
         # half's from rank 1 for the checkpoint
         own = [h for h in (0, 1) if par.is_half_root(h)]
         masks = {}
-        with par.timer("reconstruction"):
+        with par.timer("reconstruction"):   # on the rank's device; the results to the host
+            on_device = {h: job.xp.asarray(maps[h]) for h in (0, 1)}
             if _use_dynamic_mask(job, res):
-                masks = {h: dynamic_mask(maps[h], res, px, cfg.dynamic_mask_threshold,
-                                         cfg.dynamic_mask_near, cfg.dynamic_mask_far,
-                                         cfg.dynamic_mask_absolute) for h in own}
-            refs = next_references(maps, fsc, cfg.gsfsc_split_resolution_A, px, own)
+                masks = {h: to_numpy(dynamic_mask(on_device[h], res, px,
+                                                  cfg.dynamic_mask_threshold,
+                                                  cfg.dynamic_mask_near, cfg.dynamic_mask_far,
+                                                  cfg.dynamic_mask_absolute)) for h in own}
+            refs = {h: to_numpy(r) for h, r in next_references(
+                on_device, fsc, cfg.gsfsc_split_resolution_A, px, own).items()}
         if len(own) == 1:
             other = 1 - own[0]
             refs[other] = par.exchange_roots(refs[own[0]])

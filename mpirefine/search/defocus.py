@@ -49,7 +49,7 @@ def band_frequencies(n: int, pixel_size_A: float, min_resolution_A: float,
     r = xp.sqrt(kx * kx + ky * ky)
     lo, hi = n * pixel_size_A / min_resolution_A, n * pixel_size_A / max_resolution_A
     band = (r >= lo) & (r <= hi)
-    index = xp.nonzero(inside)[0][band]
+    index = inside[band]
     return kx[band], ky[band], index
 
 

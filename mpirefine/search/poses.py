@@ -146,6 +146,21 @@ class SearchStats:
     projection_samples: int = 0
     seconds: dict = field(default_factory=lambda: {"project": 0.0, "score": 0.0,
                                                    "select": 0.0, "total": 0.0})
+    # poses counted on the device (blocks with padded shifts), read once at the end
+    _device_poses: object = field(default=None, repr=False, compare=False)
+
+    def count_poses(self, n) -> None:
+        """Add n poses: a Python int, or a device scalar (no synchronising read)."""
+        if isinstance(n, int):
+            self.poses_scored += n
+        else:
+            self._device_poses = n if self._device_poses is None else self._device_poses + n
+
+    def settle(self) -> None:
+        """Fold the device's count into poses_scored (one read, at the end of a search)."""
+        if self._device_poses is not None:
+            self.poses_scored += int(self._device_poses)
+            self._device_poses = None
 
 
 @dataclass
@@ -172,16 +187,16 @@ class SearchResult:
 
 @dataclass
 class _Poses:
-    """One level's pose sets for a chunk (host arrays); a leading 1 means shared.
+    """One level's pose sets for a chunk, on the search's device; a leading 1 means shared.
 
-    rotations (1|b, C, 3, 3); keys (1|b, C) int64 (equal keys ⇔ equal rotations);
-    shifts (1|b, T, 2); valid (b, T) bool or None (all valid).
+    rotations (1|b, C, 3, 3) float64; keys (1|b, C) int64 (equal keys ⇔ equal
+    rotations); shifts (1|b, T, 2) float64; valid (b, T) bool or None (all valid).
     """
 
-    rotations: np.ndarray
-    keys: np.ndarray
-    shifts: np.ndarray
-    valid: np.ndarray | None = None
+    rotations: object
+    keys: object
+    shifts: object
+    valid: object = None
 
     def rows(self, blk: slice) -> "_Poses":
         def cut(a):
@@ -232,6 +247,7 @@ def search_poses(vft: VolumeFT, images_ft, ctf, noise_var_shell, scale=None,
         sl = slice(start, min(B, start + step))
         chunk = _load_chunk(reference, images_ft, ctf, weights, scale, shift_center_px, sl)
         _search_chunk(reference, chunk, params, out, start, stats)
+    stats.settle()
     stats.seconds["total"] = time.perf_counter() - t_start
     return out.result(stats)
 
@@ -265,13 +281,13 @@ def _reference_for(vft, params, reference, grid_rotation, shift_offset_px, symme
 
 @dataclass
 class _Chunk:
-    """One chunk's particles: w C X (b, K) and w C² (b, K) at the search frequencies and
-    the scales a (b,) float32, on the search's device; the level-0 shifts (1|b, T, 2)."""
+    """One chunk's particles: w C X (b, K) and w C² (b, K) at the search frequencies,
+    the scales a (b,) float32 and the level-0 shifts (1|b, T, 2), on the search's device."""
 
     wcx: object
     wc2: object
     scale: object
-    shifts: np.ndarray
+    shifts: object
 
     @property
     def size(self) -> int:
@@ -288,19 +304,20 @@ def _load_chunk(reference, images_ft, ctf, weights, scale, shift_center_px, sl) 
     shifts0 = reference.shifts0
     shifts = shifts0[None] if shift_center_px is None else (
         np.asarray(shift_center_px, float)[sl, None, :] + shifts0)
-    return _Chunk(wcx, wc2, xp.asarray(scale[sl], dtype=xp.float32), shifts)
+    return _Chunk(wcx, wc2, xp.asarray(scale[sl], dtype=xp.float32), xp.asarray(shifts))
 
 
 def _search_chunk(reference, chunk: _Chunk, params, out, offset, stats) -> None:
     """Every level for one chunk: level 0 scores the global grid; each level but the
     last keeps every particle's n_keep best rotations, whose children the next level
     scores; the last level's results go into ``out`` from row ``offset`` on."""
-    grid = reference.grid
-    poses = _Poses(grid[None], np.arange(len(grid), dtype=np.int64)[None], chunk.shifts)
+    xp = array_namespace(chunk.wcx)
+    grid = reference.grid_on_device
+    poses = _Poses(grid[None], xp.arange(grid.shape[0], dtype=xp.int64)[None], chunk.shifts)
     for level in range(params.n_levels):
         parts = [_keep_best(g, h, p, score, params.n_keep, stats)
                  for _, p, g, h, score in _scored_blocks(reference, chunk, poses, level, params, stats)]
-        kept = tuple(np.concatenate(v, axis=0) for v in zip(*parts))
+        kept = tuple(xp.concatenate(v, axis=0) for v in zip(*parts))
         poses = _children(kept, level + 1, params, stats)
     for blk, p, g, h, score in _scored_blocks(reference, chunk, poses, params.n_levels, params, stats):
         _finish(g, h, p, score, out, offset + blk.start, stats)
@@ -364,7 +381,7 @@ class _ProjectionCache:
     def __init__(self, n_keys: int, n_freq: int, xp):
         self.stacked = xp.zeros((n_keys, 2 * n_freq), dtype=xp.float32)
         self.power = xp.zeros((n_keys, n_freq), dtype=xp.float32)
-        self.filled = np.zeros(n_keys, dtype=bool)
+        self.filled = xp.zeros(n_keys, dtype=bool)
 
 
 class _CachedRows:
@@ -373,18 +390,18 @@ class _CachedRows:
     extracted once, then every block gathers its particles' rows ((b, C, 2K), (b, C, K))."""
 
     def __init__(self, vft, cache: _ProjectionCache, poses: _Poses, kx, ky, stats):
-        xp = array_namespace(vft.data)
-        unique, first = np.unique(poses.keys.ravel(), return_index=True)
+        xp = array_namespace(poses.keys)
+        unique, first = xp.unique(poses.keys.ravel(), return_index=True)
         missing = ~cache.filled[unique]
-        if missing.any():
+        if bool(missing.any()):
             flat = poses.rotations.reshape(-1, 3, 3)
             _project(vft, flat[first[missing]], kx, ky, stats,
                      out=(cache.stacked, cache.power), rows=unique[missing])
             cache.filled[unique[missing]] = True
-        self.cache, self.keys, self.xp = cache, poses.keys, xp
+        self.cache, self.keys = cache, poses.keys
 
     def rows(self, blk: slice):
-        r = self.xp.asarray(self.keys[blk])
+        r = self.keys[blk]
         return self.cache.stacked[r], self.cache.power[r]
 
 
@@ -392,7 +409,6 @@ def _project(vft, rotations, kx, ky, stats, out=None, rows=None):
     """Scoring tables (stacked (R, 2K), power (R, K)) of the projections at ``rotations``
     (:func:`~mpirefine.fourier.project.projection_tables`; into rows of ``out``)."""
     t0 = time.perf_counter()
-    rotations = np.asarray(rotations)
     tables = projection_tables(vft, rotations, kx, ky, out, rows)
     stats.projection_samples += len(rotations) * kx.shape[0]
     stats.seconds["project"] += time.perf_counter() - t0
@@ -492,7 +508,7 @@ def _score_block(wcx, wc2, poses: _Poses, tables, kx, ky, n, stats):
         g, h = score_shared(wcx, wc2, shift_ramps(kx, ky, shifts, n), *tables)
     else:
         g, h = score_batched(wcx, wc2, shift_ramps(kx, ky, poses.shifts, n), *tables)
-    stats.poses_scored += (b * T if poses.valid is None else int(poses.valid.sum())) * C
+    stats.count_poses(b * T * C if poses.valid is None else poses.valid.sum() * C)
     stats.gemm_flops += 2.0 * b * T * 2 * K * C + 2.0 * b * K * C
     stats.seconds["score"] += time.perf_counter() - t0
     return g, h
@@ -507,7 +523,8 @@ def _children(kept, level, params, stats) -> _Poses:
     n_child = len(grids.ROTATION_STENCILS[stencil])
     step_deg = params.coarse_step_deg / 2 ** (level - 1)
     children = grids.rotation_children(rotations.reshape(-1, 3, 3), step_deg, stencil)
-    child_keys = (keys[:, :, None] * n_child + np.arange(n_child)).reshape(b, -1)
+    xp = array_namespace(keys)
+    child_keys = (keys[:, :, None] * n_child + xp.arange(n_child)).reshape(b, -1)
     step_px = params.coarse_shift_step_px / 2 ** (level - 1)
     child_shifts, valid = grids.unique_shifts(grids.shift_children(shifts, step_px).reshape(b, -1, 2))
     stats.seconds["select"] += time.perf_counter() - t0
@@ -522,6 +539,7 @@ class SearchReference:
     def __init__(self, vft, params: SearchParams, grid, shifts0):
         xp = array_namespace(vft.data)
         self.vft, self.params, self.grid, self.shifts0 = vft, params, grid, shifts0
+        self.grid_on_device = xp.asarray(grid)
         radii = params.level_radii_px()
         self.kx, self.ky, self.index, radius = search_frequencies(vft.n, radii[-1], xp)
         self.n_freq = [count_within(radius, r) for r in radii]
@@ -555,7 +573,8 @@ def prepare_reference(vft, params: SearchParams, grid_rotation=None, shift_offse
 
 def _pick(table, index):
     """table (1|b, N, ...) indexed per particle by index (b, k) → (b, k, ...)."""
-    rows = np.arange(index.shape[0])[:, None] if table.shape[0] > 1 else 0
+    xp = array_namespace(table)
+    rows = xp.arange(index.shape[0])[:, None] if table.shape[0] > 1 else 0
     return table[rows, index]
 
 
@@ -572,7 +591,7 @@ def _pose_score(a, fit_scale: bool):
 
 
 def _keep_best(g, h, poses: _Poses, score, n_keep, stats):
-    """The n_keep best rotations per particle, each with its best shift (host arrays).
+    """The n_keep best rotations per particle, each with its best shift (on the device).
 
     Both scores grow with G for fixed H, so the best shift of a rotation maximises G.
     """
@@ -584,8 +603,7 @@ def _keep_best(g, h, poses: _Poses, score, n_keep, stats):
     k = min(n_keep, C)
     top = xp.argpartition(-L, k - 1, axis=1)[:, :k] if k < C else xp.broadcast_to(xp.arange(C), (b, C))
     g_top = xp.take_along_axis(g, xp.broadcast_to(top[:, None, :], (b, T, k)), axis=2)
-    top_t = to_numpy(xp.argmax(g_top, axis=1))
-    top = to_numpy(top)
+    top_t = xp.argmax(g_top, axis=1)
     kept = (_pick(poses.rotations, top), _pick(poses.keys, top), _pick(poses.shifts, top_t))
     stats.seconds["select"] += time.perf_counter() - t0
     return kept
@@ -629,9 +647,8 @@ def _finish(g, h, poses: _Poses, score, out: _Outputs, offset, stats):
     sl = slice(offset, offset + b)
     L = score(g, h).reshape(b, T * C)
     best = xp.argmax(L, axis=1)[:, None]
-    best_h = to_numpy(best)
-    out.rotations[sl] = _pick(poses.rotations, best_h % C)[:, 0]
-    out.shifts[sl] = _pick(poses.shifts, best_h // C)[:, 0]
+    out.rotations[sl] = to_numpy(_pick(poses.rotations, best % C)[:, 0])
+    out.shifts[sl] = to_numpy(_pick(poses.shifts, best // C)[:, 0])
     out.loglik[sl] = to_numpy(xp.take_along_axis(L, best, axis=1))[:, 0]
     g_best = to_numpy(xp.take_along_axis(g.reshape(b, T * C), best, axis=1))[:, 0]
     h_best = to_numpy(xp.take_along_axis(h, best % C, axis=1))[:, 0]
@@ -645,7 +662,6 @@ def _finish(g, h, poses: _Poses, score, out: _Outputs, offset, stats):
         top, L_top = (xp.take_along_axis(v, order, axis=1) for v in (top, L_top))
         w = xp.exp((L_top - L_top[:, :1]).astype(xp.float64))
         out.posterior[sl, :m] = to_numpy(w / w.sum(axis=1, keepdims=True))
-        top = to_numpy(top)
-        out.cand_rot[sl, :m] = _pick(poses.rotations, top % C)
-        out.cand_shift[sl, :m] = _pick(poses.shifts, top // C)
+        out.cand_rot[sl, :m] = to_numpy(_pick(poses.rotations, top % C))
+        out.cand_shift[sl, :m] = to_numpy(_pick(poses.shifts, top // C))
     stats.seconds["select"] += time.perf_counter() - t0

@@ -1,5 +1,5 @@
 """cupy.cuda.runtime of the stand-in: CUPY_STANDIN_DEVICES devices (default 1), all
-of them this machine's memory."""
+of them this machine's memory (or CUPY_STANDIN_DEVICE_MEMORY bytes each)."""
 
 # Signatures are CuPy's, arguments it takes that do not matter here included.
 # ruff: noqa: ARG001, ARG002
@@ -34,6 +34,15 @@ def deviceSynchronize() -> None:  # noqa: N802
 
 
 def memGetInfo():  # noqa: N802
+    """(free, total) bytes: this machine's memory, or with CUPY_STANDIN_DEVICE_MEMORY
+    (bytes) a device of that size, less what the stand-in's arrays hold now (to size
+    the work as on a given GPU; the arrays still live in host memory)."""
+    size = os.environ.get("CUPY_STANDIN_DEVICE_MEMORY")
+    if size:
+        from cupy import _standin
+
+        total = int(float(size))
+        return max(0, total - _standin._MEMORY.live), total
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return free, total
