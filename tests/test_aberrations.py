@@ -173,6 +173,12 @@ def test_refine_optimize_ctf_global_finds_tilt_and_trefoil(tilted_dataset, tmp_p
     on, off = (_fsc_vs_truth_at(tmp_path / r / "map.mrc", truth, 16) for r in ("on", "off"))
     assert on > off, (on, off)
     assert runs["on"]["final_resolution_A"] < runs["off"]["final_resolution_A"]
+    # the report shows the last fit's measured odd phase beside the model
+    sums = np.load(tmp_path / "on" / "ctf_global_sums.npz")
+    assert list(sums["groups"]) == [1] and sums["xy"].shape == (1,) + sums["weight"].shape
+    assert (tmp_path / "on" / "plots" / "ctf_odd_phase.png").exists()
+    assert "Odd aberrations per optics group" in (tmp_path / "on" / "report.html").read_text()
+    assert not (tmp_path / "off" / "plots" / "ctf_odd_phase.png").exists()
 
 
 def test_info_shows_each_groups_aberrations(tilted_dataset):

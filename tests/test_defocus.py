@@ -147,3 +147,5 @@ def test_refine_optimize_defocus_recovers_the_defocus(defocus_dataset, tmp_path)
     cs = np.load(tmp_path / "on" / "particles.cs")
     np.testing.assert_allclose(cs["ctf/df1_A"], refined, atol=0.1)
     assert median_pose_error(str(data), str(tmp_path / "on")) < 5.0
+    assert (tmp_path / "on" / "plots" / "defocus_changes.png").exists()
+    assert "Per-particle defocus changes" in (tmp_path / "on" / "report.html").read_text()

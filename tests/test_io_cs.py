@@ -226,3 +226,25 @@ def test_exposure_groups_of_other_pixel_sizes_and_boxes(tmp_path):
     np.testing.assert_allclose(table["alignments3D/psize_A"], ps.image_pixel_size_A, rtol=1e-6)
     np.testing.assert_array_equal(table["blob/shape"], np.stack([ps.image_box] * 2, axis=1))
     np.testing.assert_allclose(read_particles(cs_path).shifts_A, ps.shifts_A, atol=1e-4)
+
+
+def test_cs_output_carries_refined_defocus(tmp_path):
+    """A .cs input's kept table gets the particles' current defocus (U, V, angle), as
+    --optimize-defocus leaves it in the particle set; the other CTF fields stay."""
+    import dataclasses
+
+    path, t, _ = make_cs_project(tmp_path)
+    ps = read_particles(path)
+    n = len(ps)
+    offset = np.linspace(-800.0, 800.0, n)
+    refined = dataclasses.replace(ps, ctf=ps.ctf.with_defocus_offset(offset))
+    out = tmp_path / "J4" / "particles.cs"
+    out.parent.mkdir()
+    write_cs(out, refined, ps.rotations, ps.shifts_A, ps.split, ps.scale)
+    written = np.load(out)
+    np.testing.assert_allclose(written["ctf/df1_A"], t["ctf/df1_A"] + offset, rtol=1e-6)
+    np.testing.assert_allclose(written["ctf/df2_A"], t["ctf/df2_A"] + offset, rtol=1e-6)
+    np.testing.assert_array_equal(written["ctf/df_angle_rad"], t["ctf/df_angle_rad"])
+    np.testing.assert_array_equal(written["ctf/cs_mm"], t["ctf/cs_mm"])
+    back = read_particles(out)
+    np.testing.assert_allclose(back.ctf.defocus_u_A, ps.ctf.defocus_u_A + offset, rtol=1e-6)

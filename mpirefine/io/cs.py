@@ -235,6 +235,16 @@ def _fresh_table(ps: ParticleSet) -> np.ndarray:
     return out
 
 
+def _set_defocus(table: np.ndarray, ctf) -> None:
+    """The particles' defocus (U, V, angle: refined by --optimize-defocus, or as read)
+    into a kept table's ctf/df1_A, ctf/df2_A and ctf/df_angle_rad."""
+    n = len(table)
+    for name, value in (("ctf/df1_A", ctf.defocus_u_A), ("ctf/df2_A", ctf.defocus_v_A),
+                        ("ctf/df_angle_rad", np.radians(ctf.defocus_angle_deg))):
+        if name in table.dtype.names:
+            table[name] = np.broadcast_to(value, (n,))
+
+
 def _portable_blob_paths(ps: ParticleSet, table: np.ndarray, out_path: str) -> np.ndarray:
     """blob/path bytes: kept where they still resolve from the output's location, else absolute."""
     raw = _blob_paths(table)
@@ -256,7 +266,8 @@ def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
              scale: np.ndarray) -> None:
     """Write a CryoSPARC .cs file with updated poses, shifts (px), halves and scales.
 
-    A .cs input keeps all its fields (alignments3D/* added where missing); a STAR input
+    A .cs input keeps all its fields (alignments3D/* added where missing), its defocus
+    taken from ``particle_set.ctf`` (which holds refined values); a STAR input
     gets a fresh array (uid, blob/*, ctf/*, alignments3D/*, see :func:`_fresh_table`),
     each particle with its own blob/shape and blob/psize_A.  Shifts are written in
     pixels of the particle's image, alignments3D/psize_A.  rotations: (n, 3, 3) RELION
@@ -278,6 +289,7 @@ def write_cs(path: str | os.PathLike, particle_set: ParticleSet,
         if paths.dtype.itemsize > table.dtype["blob/path"].itemsize:
             table = _with_fields(table, [("blob/path", paths.dtype.str)])
         table["blob/path"] = paths
+        _set_defocus(table, ps.ctf)
     else:
         table = _fresh_table(ps)
     rotations = ps.rotations if rotations is None else rotations

@@ -404,9 +404,28 @@ def fit_ctf_global(job: Job, iteration: int) -> dict | None:
                          f"({fit.tilt_x_mrad:+.3f}, {fit.tilt_y_mrad:+.3f}) mrad, trefoil "
                          f"({fit.trefoil[0]:+.1f}, {fit.trefoil[1]:+.1f}) rad·Å³ "
                          f"from {fit.pixels} pixels")
+        save_ctf_global_sums(os.path.join(job.cfg.out_dir, CTF_GLOBAL_SUMS), iteration, groups,
+                             packed, weight, kx_A, ky_A, fits)
     fits = par.bcast_obj(fits, root=0)
     job.set_odd_aberrations({g: f.coefficients for g, f in fits.items() if f.pixels})
     return {str(g): f.as_dict() for g, f in fits.items()}
+
+
+CTF_GLOBAL_SUMS = "ctf_global_sums.npz"   # the last fit's per-pixel data, for the report
+
+
+def save_ctf_global_sums(path: str, iteration: int, groups, packed, weight, kx_A, ky_A,
+                         fits: dict) -> None:
+    """The last --optimize-ctf-global fit's per-pixel sums (xy, w per optics group on the
+    (n, n // 2 + 1) grid), its weights and fitted coefficients, for the report's plot of
+    each group's odd phase beside its model (written atomically, replaced at each fit)."""
+    from mpirefine.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, iteration=iteration, groups=np.asarray(groups),
+                 xy=packed[:, 0] + 1j * packed[:, 1], w=packed[:, 2], weight=weight,
+                 kx_A=kx_A, ky_A=ky_A,
+                 coefficients=np.stack([fits[g].coefficients for g in groups]))
 
 
 CTF_SETTLED_MRAD = 0.05        # beam tilt change between the last two fits

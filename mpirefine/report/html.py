@@ -76,6 +76,13 @@ FIGURES = {
                    "below, the minibatch size and the iteration's wall time."),
     "scale": ("Per-particle scale", "Distribution of the per-particle scale factors."),
     "noise_model": ("Noise model", "Final noise variance σ² per frequency shell."),
+    "ctf_odd_phase": ("Odd aberrations per optics group", "Left: the phase of Σ c·conj(P)·X "
+                      "per frequency pixel over the group's particles at their poses (c the "
+                      "CTF, P the reference projection, X the image; what beam tilt and "
+                      "trefoil shift), where the last --optimize-ctf-global fit weighted it; "
+                      "right: the fitted model's phase. Both wrapped to ±π."),
+    "defocus_changes": ("Per-particle defocus changes", "How far --optimize-defocus moved each "
+                        "particle's defocus (U and V together), over the whole run."),
 }
 #: figures drawn across the page's whole width
 WIDE_FIGURES = ("map_slices",)
@@ -86,7 +93,9 @@ SOURCES = {"map_slices": "map_sharp.mrc or map.mrc", "fsc": "fsc.csv", "guinier"
            "conical_fsc_map": "map_half_A.mrc and map_half_B.mrc",
            "conical_fsc": "map_half_A.mrc and map_half_B.mrc",
            "scale": "scales in particles.star or particles.cs",
-           "noise_model": "noise_sigma2 in summary.json"}
+           "noise_model": "noise_sigma2 in summary.json",
+           "ctf_odd_phase": "ctf_global_sums.npz", "defocus_changes":
+               "defocus_refinement in summary.json"}
 #: CryoSPARC's readings of the orientation diagnostics
 CFAR_ANISOTROPIC, SCF_STAR_ANISOTROPIC = 0.5, 0.81
 
@@ -247,6 +256,12 @@ def make_plots(out_dir: str, summary: dict, metrics: dict | None = None) -> tupl
                                                       summary.get("box"),
                                                       summary.get("pixel_size_A"), plots_dir),
     }
+    if summary.get("ctf_global"):      # figures of options that were on
+        makers["ctf_odd_phase"] = lambda: plots.plot_ctf_odd_phase(
+            os.path.join(out_dir, "ctf_global_sums.npz"), plots_dir)
+    if summary.get("defocus_refinement"):
+        makers["defocus_changes"] = lambda: plots.plot_defocus_changes(
+            summary["defocus_refinement"], plots_dir)
     made, missing = {}, {}
     for name, make in makers.items():
         try:

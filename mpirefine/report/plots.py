@@ -389,3 +389,61 @@ def plot_conical_fsc(result, plots_dir: str) -> str | None:
     _resolution_axis(ax)
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, plots_dir, "conical_fsc")
+
+
+def plot_defocus_changes(refinement: dict | None, plots_dir: str) -> str | None:
+    """Histogram of the per-particle defocus changes of --optimize-defocus (summary.json's
+    "defocus_refinement": counts and bin edges in Å)."""
+    hist = (refinement or {}).get("histogram")
+    if not hist or not sum(hist["counts"]):
+        return None
+    counts, edges = np.asarray(hist["counts"]), np.asarray(hist["edges_A"], float)
+    fig, ax = plt.subplots(figsize=WIDE)
+    ax.bar(0.5 * (edges[:-1] + edges[1:]), counts, width=np.diff(edges), color="#2b8cbe")
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set(xlabel="defocus change (Å; U and V together)", ylabel="particles")
+    ax.set_title(f"{refinement['n_changed']:,} particles changed; RMS "
+                 f"{refinement['rms_A']:.0f} Å, mean {refinement['mean_A']:+.0f} Å", fontsize=9)
+    return _save(fig, plots_dir, "defocus_changes")
+
+
+def _half_plane_image(values: np.ndarray) -> np.ndarray:
+    """(n, n//2 + 1) half-plane values [ky, kx] (ky in FFT order) as a centred
+    (n, n//2 + 1) image with ky increasing upwards."""
+    return np.fft.fftshift(values, axes=0)
+
+
+def plot_ctf_odd_phase(sums_path: str, plots_dir: str) -> str | None:
+    """Each optics group's odd phase per frequency pixel, arg Σ c conj(P) X, beside the
+    fitted beam tilt and trefoil model φ(k), both wrapped to [−π, π] and shown where the
+    fit weighted the pixel (--optimize-ctf-global's last fit: ctf_global_sums.npz)."""
+    if not os.path.exists(sums_path):
+        return None
+    from mpirefine.physics.aberrations import odd_phase
+
+    with np.load(sums_path) as d:
+        groups, xy, w, weight = d["groups"], d["xy"], d["w"], d["weight"]
+        kx_A, ky_A, coefficients, iteration = d["kx_A"], d["ky_A"], d["coefficients"], int(d["iteration"])
+    used = weight > 0
+    if not used.any():
+        return None
+    n = weight.shape[0]
+    kmax = float(np.hypot(kx_A, ky_A)[used].max())
+    extent = (0.0, float(kx_A.max()), -0.5 * n * float(ky_A[1, 0]), 0.5 * n * float(ky_A[1, 0]))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
+    for row, g in enumerate(groups):
+        shown = used & (w[row] > 0)
+        observed = np.where(shown, np.angle(xy[row]), np.nan)
+        model = np.where(shown, np.angle(np.exp(1j * odd_phase(coefficients[row], kx_A, ky_A))),
+                         np.nan)
+        for ax, image, title in ((axes[row, 0], observed, "measured"),
+                                 (axes[row, 1], model, "fitted beam tilt + trefoil")):
+            im = ax.imshow(_half_plane_image(image), origin="lower", extent=extent,
+                           cmap="twilight_shifted", vmin=-np.pi, vmax=np.pi, aspect="equal")
+            ax.set_xlim(0, kmax)
+            ax.set_ylim(-kmax, kmax)
+            ax.set_title(f"optics group {int(g)}: {title}", fontsize=9)
+            ax.set(xlabel="kx (1/Å)", ylabel="ky (1/Å)")
+        fig.colorbar(im, ax=axes[row, :].tolist(), shrink=0.8, label="odd phase (rad)")
+    fig.suptitle(f"odd aberrations, fit after iteration {iteration}", fontsize=10)
+    return _save(fig, plots_dir, "ctf_odd_phase")
