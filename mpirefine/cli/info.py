@@ -213,10 +213,18 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
     def per_particle(v):
         return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
 
-    from mpirefine.physics.aberrations import input_odd_aberrations, zernike_to_tilt
+    from mpirefine.physics.aberrations import (
+        SPHERICAL_TERM,
+        TETRAFOIL_TERMS,
+        input_even_aberrations,
+        input_odd_aberrations,
+        zernike_to_spherical,
+        zernike_to_tilt,
+    )
     from mpirefine.physics.ctf import electron_wavelength_A
 
     odd = input_odd_aberrations(ps)
+    even = input_even_aberrations(ps)
     groups = []
     for g in ps.groups():
         rows = g["rows"]
@@ -236,6 +244,13 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
             group["aberrations"] = {"beam_tilt_mrad": [tx, ty],
                                     "trefoil": [float(rest[2]), float(rest[5])],
                                     "odd_zernike": [float(v) for v in odd[g["group"]]]}
+        if g["group"] in even:         # rlnEvenZernike: added to the CTF's γ
+            c = even[g["group"]]
+            group["even_aberrations"] = {
+                "delta_cs_mm": float(zernike_to_spherical(
+                    c[SPHERICAL_TERM], float(electron_wavelength_A(group["voltage_kV"])))),
+                "tetrafoil": [float(c[t]) for t in TETRAFOIL_TERMS],
+                "even_zernike": [float(v) for v in c]}
         groups.append(group)
     u, v = per_particle(ctf.defocus_u_A), per_particle(ctf.defocus_v_A)
     split = {"present": bool(np.any(ps.split >= 0)), "half_A": int(np.sum(ps.split == 0)),
@@ -312,6 +327,11 @@ def format_particles(info: dict) -> str:
             rows.append(("", f"  beam tilt ({a['beam_tilt_mrad'][0]:+.3f}, "
                              f"{a['beam_tilt_mrad'][1]:+.3f}) mrad, trefoil ({a['trefoil'][0]:+.1f}, "
                              f"{a['trefoil'][1]:+.1f}) rad·Å³ (applied by refine and reconstruct)"))
+        if "even_aberrations" in g:
+            e = g["even_aberrations"]
+            rows.append(("", f"  even aberrations: Cs change {e['delta_cs_mm']:+.3f} mm, tetrafoil "
+                             f"({e['tetrafoil'][0]:+.1f}, {e['tetrafoil'][1]:+.1f}) rad·Å⁴ "
+                             "(rlnEvenZernike, applied to the CTF by refine and reconstruct)"))
     rows += [("defocus U", _fmt_spread(ctf["defocus_u_um"], 3, " µm")),
              ("defocus V", _fmt_spread(ctf["defocus_v_um"], 3, " µm")),
              ("astigmatism", _fmt_spread(ctf["astigmatism_um"], 3, " µm") + "  |U − V|"),

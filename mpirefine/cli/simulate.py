@@ -87,6 +87,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--trefoil", type=float, nargs=2, default=(0.0, 0.0), metavar=("A", "B"),
                      help="trefoil: coefficients of RELION's odd Zernike terms Z3⁻³, Z3³ "
                           "(rad·Å³), likewise [0 0]")
+    sim.add_argument("--cs-error", type=float, default=0.0, metavar="MM",
+                     help="the images' spherical aberration exceeds --cs by this (mm): in "
+                          "the images and, as rlnEvenZernike, in particles_true.star only "
+                          "(which refine and reconstruct apply to the CTF) [0]")
+    sim.add_argument("--tetrafoil", type=float, nargs=2, default=(0.0, 0.0), metavar=("A", "B"),
+                     help="tetrafoil: coefficients of RELION's even Zernike terms Z4⁻⁴, Z4⁴ "
+                          "(rad·Å⁴), likewise [0 0]")
     sim.add_argument("--stack-size", type=int, default=1000, metavar="N",
                      help="images per .mrcs stack, also the batch held in memory "
                      "(default: %(default)s)")
@@ -172,7 +179,8 @@ def main(args: argparse.Namespace) -> int:
         voltage_kV=args.voltage_kV, cs_mm=args.cs_mm,
         amplitude_contrast=args.amplitude_contrast, bfactor_A2=args.ctf_bfactor,
         seed=args.seed, stack_size=args.stack_size, overwrite=True, source=what,
-        beam_tilt_mrad=tuple(args.beam_tilt), trefoil=tuple(args.trefoil))
+        beam_tilt_mrad=tuple(args.beam_tilt), trefoil=tuple(args.trefoil),
+        cs_error_mm=args.cs_error, tetrafoil=tuple(args.tetrafoil))
     noise = ("no noise" if not math.isfinite(args.snr)
              else f"SNR {args.snr:g}, noise sigma {result.noise_sigma:.4g}")
     print(f"simulated {args.n_particles} particles of {what}\n"

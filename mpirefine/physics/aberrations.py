@@ -249,3 +249,260 @@ def input_odd_aberrations(particle_set) -> dict:
         if np.any(c) and np.any(groups == g):
             out[g] = c
     return out
+
+
+# ------------------------------------------------------------------ even aberrations
+#
+# An even aberration δ(k), δ(−k) = δ(k), changes the CTF itself: CTF = −sin(γ + δ), γ
+# the low-order phase of physics/ctf.py (RELION adds its rlnEvenZernike terms to γ the
+# same way).  δ = Σ cⱼ Zⱼ(k) over the even Zernike polynomials up to n = 4, in RELION's
+# order (Zernike::evenIndexToMN), k in 1/Å:
+#
+#     [0] Z0⁰ = 1            [1] Z2⁻² = 2xy           [2] Z2⁰ = 2r² − 1    [3] Z2² = x² − y²
+#     [4] Z4⁻⁴ = 4x³y − 4xy³  [5] Z4⁻² = (4r² − 3) 2xy  [6] Z4⁰ = 6r⁴ − 6r² + 1
+#     [7] Z4² = (4r² − 3)(x² − y²)                     [8] Z4⁴ = x⁴ − 6x²y² + y⁴
+#
+# A spherical-aberration error ΔCs adds (π/2) ΔCs λ³ k⁴ to γ: Z4⁰'s coefficient c
+# carries 6c k⁴, so ΔCs = 12 c / (π λ³) (the lower-order parts of Z4⁰ are absorbed by
+# Z2⁰ and Z0⁰, which are fitted with it).  Tetrafoil is Z4⁻⁴ and Z4⁴.
+#
+# The fit (:func:`fit_even_aberrations`) is relion_ctf_refine's (AberrationEstimator,
+# TiltHelper::optimiseEvenZernike): per frequency pixel, over a group's particles at
+# their poses, with P the scaled projection, X the image and (s, c) = (sin γ, cos γ),
+#     A = Σ |P|² [[s², s c], [s c, c²]],   b = −Σ Re(X conj P) [s, c],
+# whose solution u = A⁻¹ b ≈ (cos δ, sin δ); the coefficients start from a weighted
+# linear fit to the phase arg u (weights × sqrt |det A|) and then minimise
+# Σ ω (e(k)ᵀ A e(k)), e = |u| (cos δ, sin δ) − u, ω the FSC weight (RELION's e uses
+# the unit circle; keeping |u| leaves δ unbiased where u shrinks).  Two additions:
+# the half map's noise is taken out of A, and insignificant fourth-order terms are
+# dropped (see fit_even_aberrations).
+
+N_EVEN = 9                                 # Zernike terms up to n = 4
+DEFOCUS_TERMS = (0, 1, 2, 3)               # piston, astigmatism, defocus: nuisance terms
+SPHERICAL_TERM = 6
+TETRAFOIL_TERMS = (4, 8)
+COMA_LIKE_TERMS = (5, 7)                   # secondary astigmatism (n = 4, m = ±2)
+
+
+def even_zernike_basis(kx_A, ky_A):
+    """The nine even Zernike polynomials up to n = 4 at frequencies (1/Å), RELION's
+    order; a list of arrays in the inputs' own namespace."""
+    x, y = kx_A, ky_A
+    r2 = x * x + y * y
+    return [0.0 * x + 1.0, 2 * x * y, 2 * r2 - 1, x * x - y * y, 4 * x ** 3 * y - 4 * x * y ** 3,
+            (4 * r2 - 3) * 2 * x * y, 6 * r2 * r2 - 6 * r2 + 1, (4 * r2 - 3) * (x * x - y * y),
+            x ** 4 - 6 * x * x * y * y + y ** 4]
+
+
+def even_phase(coefficients, kx_A, ky_A):
+    """δ(k) = Σ cⱼ Zⱼ(k) (radians) at frequencies in 1/Å."""
+    out = 0.0 * kx_A
+    for c, z in zip(np.asarray(coefficients, float), even_zernike_basis(kx_A, ky_A)):
+        if c:
+            out = out + float(c) * z
+    return out
+
+
+def spherical_to_zernike(delta_cs_mm: float, wavelength_A: float) -> float:
+    """The Z4⁰ coefficient of a spherical-aberration change ΔCs (mm)."""
+    return delta_cs_mm * 1e7 * np.pi * wavelength_A ** 3 / 12.0
+
+
+def zernike_to_spherical(z40: float, wavelength_A: float) -> float:
+    """ΔCs (mm) that a Z4⁰ coefficient stands for."""
+    return 12.0 * z40 / (np.pi * wavelength_A ** 3) * 1e-7
+
+
+@dataclass(frozen=True)
+class EvenFit:
+    """One optics group's fitted even aberrations."""
+
+    coefficients: np.ndarray        # (9,) all even terms fitted (rad·Å^n)
+    delta_cs_mm: float              # the spherical-aberration change Z4⁰ stands for
+    tetrafoil: np.ndarray           # (2,) Z4⁻⁴, Z4⁴ coefficients
+    pixels: int
+
+    def as_dict(self) -> dict:
+        return {"delta_cs_mm": self.delta_cs_mm, "tetrafoil": [float(v) for v in self.tetrafoil],
+                "even_zernike": [float(v) for v in self.coefficients], "even_pixels": self.pixels}
+
+
+def even_aberration_sums(vft, images_ft, gamma, rotations, shifts_px, scale):
+    """Per-pixel sums of :func:`fit_even_aberrations` over a batch of one optics group at
+    its poses: (Axx, Axy, Ayy, bx, by, Sxx, Sxy, Syy, Pw), each (n, n // 2 + 1) float64
+    on the images' device; S = Σ [[s², s c], [s c, c²]] and Pw = Σ |P|² (for the
+    reference-noise correction).
+    images_ft: demodulated images (odd aberrations taken out); gamma (B, n, n // 2 + 1):
+    each particle's low-order CTF phase (physics/ctf.py ``ctf_gamma``)."""
+    xp = array_namespace(images_ft)
+    n, B = vft.n, images_ft.shape[0]
+    x, pred, inside = images_at_poses(vft, images_ft, rotations, shifts_px, scale)
+    g = gamma.reshape(B, -1)[:, inside]
+    s, c = xp.sin(g), xp.cos(g)
+    p2 = (pred.real ** 2 + pred.imag ** 2).astype(xp.float64)
+    zz = (x.real * pred.real + x.imag * pred.imag).astype(xp.float64)
+    out = []
+    for term in (p2 * s * s, p2 * c * s, p2 * c * c, -zz * s, -zz * c, s * s, c * s, c * c, p2):
+        grid = xp.zeros(n * (n // 2 + 1), xp.float64)
+        grid[inside] = term.sum(axis=0)
+        out.append(grid.reshape(n, n // 2 + 1))
+    return tuple(out)
+
+
+def fit_even_aberrations(sums, kx_A, ky_A, weight, wavelength_A: float,
+                         fit_spherical: bool = True, fit_tetrafoil: bool = True,
+                         reference_fsc=None) -> EvenFit:
+    """Even Zernike coefficients of one optics group from its per-pixel sums (NumPy):
+    ``sums`` from :func:`even_aberration_sums`, ``weight`` the FSC weight per pixel (0
+    outside the fitted band).  Piston, astigmatism and defocus (Z0⁰, Z2⁻², Z2⁰, Z2²) are
+    always fitted; Z4⁰ with ``fit_spherical``, Z4⁻⁴ and Z4⁴ with ``fit_tetrafoil``, Z4^±2
+    with either (RELION fits all nine).
+
+    reference_fsc: the half maps' FSC at each pixel.  The projections P of a half map
+    carry noise of power (1 − FSC)·|P|², which A = Σ |P|² (s², s c; s c, c²) counts as
+    signal with every particle weighted alike, while the signal weights the particles
+    by their own |P|²: that turns u and, at the resolutions where the map is noisy,
+    pulls a Cs error towards zero (measured at 3.4 Å: 0.355 mm for 0.4 with the half
+    maps, 0.408 with the true map; relion_ctf_refine 0.360).  With the FSC given, the
+    expected noise part, (1 − FSC) · (Σ |P|² / count) · Σ (s², s c; s c, c²), is taken
+    out of A first (0.380 mm there)."""
+    from scipy.optimize import least_squares
+
+    axx, axy, ayy, bx, by = (np.asarray(a, float).ravel() for a in sums[:5])
+    if reference_fsc is not None and len(sums) >= 9:
+        sxx, sxy, syy, pw = (np.asarray(a, float).ravel() for a in sums[5:9])
+        count = sxx + syy                                 # particles at the pixel
+        noise = (1.0 - np.clip(np.asarray(reference_fsc, float).ravel(), 0.0, 1.0)) \
+            * pw / np.maximum(count, 1.0)
+        axx, axy, ayy = axx - noise * sxx, axy - noise * sxy, ayy - noise * syy
+    kx, ky = np.broadcast_arrays(np.asarray(kx_A, float), np.asarray(ky_A, float))
+    kx, ky = kx.ravel(), ky.ravel()
+    w0 = np.asarray(weight, float).ravel()
+    det = axx * ayy - axy * axy
+    use = (w0 > 0) & (axx > 0) & (det > 1e-12 * np.maximum(axx * ayy, 1e-300))
+    terms = list(DEFOCUS_TERMS)
+    if fit_spherical:
+        terms.append(SPHERICAL_TERM)
+    if fit_tetrafoil:
+        terms += list(TETRAFOIL_TERMS)
+    if fit_spherical or fit_tetrafoil:
+        terms += list(COMA_LIKE_TERMS)
+    terms = sorted(terms)
+    if use.sum() < 4 * len(terms):
+        return EvenFit(np.zeros(N_EVEN), 0.0, np.zeros(2), int(use.sum()))
+    axx, axy, ayy, bx, by, det = axx[use], axy[use], ayy[use], bx[use], by[use], det[use]
+    u1 = (ayy * bx - axy * by) / det                 # A⁻¹ b
+    u2 = (axx * by - axy * bx) / det
+    basis = np.stack([even_zernike_basis(kx[use], ky[use])[j] for j in terms], axis=1)
+    norm = np.sqrt(np.mean(basis ** 2, axis=0))
+    B = basis / norm
+    # linear start on the phase, weighted as relion_ctf_refine weights it
+    lin_w = np.sqrt(w0[use] * np.sqrt(np.abs(det)))
+    start, *_ = np.linalg.lstsq(B * lin_w[:, None], np.arctan2(u2, u1) * lin_w, rcond=None)
+    # e^T A e = (L^T e)^2 with A = L L^T: residuals √ω (√axx e1 + axy/√axx e2, √(det/axx) e2)
+    sq = np.sqrt(w0[use])
+    l11 = np.sqrt(axx)
+    l21 = axy / l11
+    l22 = np.sqrt(det / axx)
+
+    # the model keeps each pixel's measured |u|: u shrinks where the reference or the
+    # envelope is weak, and a unit-length model would then pull δ along A's long axis
+    rho = np.hypot(u1, u2)
+
+    def residual(p):
+        d = B @ p
+        e1, e2 = rho * np.cos(d) - u1, rho * np.sin(d) - u2
+        return np.concatenate([sq * (l11 * e1 + l21 * e2), sq * l22 * e2])
+
+    fit = least_squares(residual, start, method="lm", xtol=1e-12, ftol=1e-12)
+    # keep a fourth-order term only where the data pin it: |c| above SIGNIFICANCE
+    # standard errors (from the Jacobian at the optimum); else drop it and fit again.
+    # Below ~4 Å a Cs error or tetrafoil moves the phase by hundredths of a radian,
+    # and an unpinned k⁴ term would be extrapolated into the CTF at finer resolution.
+    weak = _insignificant(fit, [j for j in terms if j not in DEFOCUS_TERMS], terms)
+    if weak:
+        keep = [k for k, j in enumerate(terms) if j not in weak]
+        terms = [terms[k] for k in keep]
+        B, norm = B[:, keep], norm[keep]
+        fit = least_squares(residual, fit.x[keep], method="lm", xtol=1e-12, ftol=1e-12)
+    c = np.zeros(N_EVEN)
+    c[terms] = fit.x / norm
+    return EvenFit(c, float(zernike_to_spherical(c[SPHERICAL_TERM], wavelength_A)),
+                   c[list(TETRAFOIL_TERMS)].copy(), int(use.sum()))
+
+
+SIGNIFICANCE = 3.0   # standard errors a fourth-order even term must exceed to be kept
+
+
+def _insignificant(fit, candidates, terms) -> list:
+    """The ``candidates`` (Zernike indices among ``terms``) whose fitted coefficient is
+    within SIGNIFICANCE standard errors of zero, the errors from the least-squares
+    Jacobian and the residual variance at the optimum."""
+    J = fit.jac
+    dof = max(1, J.shape[0] - J.shape[1])
+    sigma2 = 2.0 * fit.cost / dof
+    try:
+        cov = np.linalg.inv(J.T @ J) * sigma2
+    except np.linalg.LinAlgError:
+        return list(candidates)
+    se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    return [j for j in candidates
+            if abs(fit.x[terms.index(j)]) < SIGNIFICANCE * se[terms.index(j)]]
+
+
+def spherical_zernike(delta_cs_mm: float, wavelength_A: float) -> np.ndarray:
+    """Even Zernike coefficients of exactly (π/2) ΔCs λ³ k⁴: c Z4⁰ + 3c Z2⁰ + 2c Z0⁰ = 6c k⁴."""
+    c = spherical_to_zernike(delta_cs_mm, wavelength_A)
+    out = np.zeros(N_EVEN)
+    out[0], out[2], out[SPHERICAL_TERM] = 2 * c, 3 * c, c
+    return out
+
+
+class GroupEvenPhase:
+    """δ(k) of each optics group's even aberrations on the (n, n // 2 + 1) image grid of
+    ``pixel_size_A``: the phase each particle's CTF adds to γ, by its group (0 for
+    groups without even aberrations)."""
+
+    def __init__(self, coefficients: dict, n: int, pixel_size_A: float, xp):
+        from mpirefine.fourier.transforms import freq_grid_2d
+
+        groups = sorted(int(g) for g in coefficients)
+        ky, kx = freq_grid_2d(n, xp)
+        scale = 1.0 / (n * pixel_size_A)
+        kx_A = xp.broadcast_to(xp.asarray(kx, dtype=xp.float64) * scale, (n, n // 2 + 1))
+        ky_A = xp.broadcast_to(xp.asarray(ky, dtype=xp.float64) * scale, (n, n // 2 + 1))
+        self.table = xp.stack([xp.zeros((n, n // 2 + 1), xp.float64)]
+                              + [even_phase(coefficients[g], kx_A, ky_A) for g in groups])
+        self.row = np.zeros(max(groups, default=0) + 1, np.int64)   # group → table row
+        self.row[groups] = np.arange(1, len(groups) + 1)
+        self.xp = xp
+
+    def __call__(self, optics_groups):
+        """(B, n, n // 2 + 1) phases of the particles of ``optics_groups`` (B,)."""
+        g = np.asarray(optics_groups, np.int64)
+        rows = np.where((g >= 0) & (g < len(self.row)), self.row[np.clip(g, 0, len(self.row) - 1)], 0)
+        return self.table[self.xp.asarray(rows)]
+
+
+def input_even_aberrations(particle_set) -> dict:
+    """{optics group: (9,) even Zernike coefficients} from a RELION 3.1+ optics table's
+    rlnEvenZernike (added to the CTF's γ, as RELION does); groups without it are left
+    out.  Terms beyond fourth order are refused."""
+    optics = getattr(particle_set, "_star_optics", None)
+    if optics is None or "rlnEvenZernike" not in optics.columns:
+        return {}
+    out = {}
+    groups = np.asarray(particle_set.optics_group)
+    for _, row in optics.iterrows():
+        g = int(row["rlnOpticsGroup"])
+        z = parse_zernike(row["rlnEvenZernike"])
+        if np.any(z[N_EVEN:]):
+            raise InputError(f"optics group {g}: rlnEvenZernike has terms beyond fourth order "
+                             f"({len(z)} coefficients); only the first {N_EVEN} (n <= 4: "
+                             "defocus, astigmatism, spherical aberration, tetrafoil) are "
+                             "supported yet")
+        c = np.zeros(N_EVEN)
+        c[:min(len(z), N_EVEN)] = z[:N_EVEN]
+        if np.any(c) and np.any(groups == g):
+            out[g] = c
+    return out

@@ -72,18 +72,39 @@ class CTFParams:
         return CTFParams(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
-def evaluate_ctf(params: CTFParams, kx_A, ky_A, dtype=None):
+def evaluate_ctf(params: CTFParams, kx_A, ky_A, dtype=None, gamma_offset=None):
     """CTF values for every particle on a frequency grid.
 
     kx_A, ky_A: frequency grids in 1/Å, same shape S (NumPy or CuPy).
+    gamma_offset: optional phase (rad) added to γ, broadcastable to (n, *S): the even
+    aberrations of each particle's optics group (physics/aberrations.py), as RELION adds
+    its even Zernike terms.
     Returns an array of shape (n, *S) in the grids' namespace, ``dtype`` (default float32).
     """
     xp = array_namespace(kx_A, ky_A)
     dtype = dtype or xp.float32
+    gamma = ctf_gamma(params, kx_A, ky_A)
+    if gamma_offset is not None:
+        gamma = gamma + gamma_offset
+    k2 = xp.asarray(kx_A, dtype=xp.float64)[None] ** 2 + xp.asarray(ky_A, dtype=xp.float64)[None] ** 2
+    col = _columns(xp, kx_A.ndim)
+    ctf = -xp.sin(gamma) * xp.exp(-col(params.bfactor_A2) * k2 / 4.0) * col(params.scale)
+    return ctf.astype(dtype)
 
+
+def _columns(xp, ndim: int):
     def col(v):
-        return xp.asarray(v, dtype=xp.float64).reshape((-1,) + (1,) * kx_A.ndim)
+        return xp.asarray(v, dtype=xp.float64).reshape((-1,) + (1,) * ndim)
 
+    return col
+
+
+def ctf_gamma(params: CTFParams, kx_A, ky_A):
+    """γ of every particle on a frequency grid (float64, (n, *S)): the CTF's phase from
+    defocus, astigmatism, Cs, phase shift and amplitude contrast (RELION's low-order γ),
+    without even aberrations."""
+    xp = array_namespace(kx_A, ky_A)
+    col = _columns(xp, kx_A.ndim)
     lam = col(electron_wavelength_A(params.voltage_kV))
     cs_A = col(params.cs_mm * 1e7)
     q0 = np.clip(params.amplitude_contrast, 0.0, 0.999999)
@@ -96,6 +117,4 @@ def evaluate_ctf(params: CTFParams, kx_A, ky_A, dtype=None):
     mean = col(0.5 * (params.defocus_u_A + params.defocus_v_A))
     half_diff = col(0.5 * (params.defocus_u_A - params.defocus_v_A))
     defocus = mean + half_diff * xp.cos(2.0 * (theta - col(np.radians(params.defocus_angle_deg))))
-    gamma = -np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_A * lam ** 3 * k2 * k2 - phi - k3
-    ctf = -xp.sin(gamma) * xp.exp(-col(params.bfactor_A2) * k2 / 4.0) * col(params.scale)
-    return ctf.astype(dtype)
+    return -np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_A * lam ** 3 * k2 * k2 - phi - k3

@@ -92,13 +92,21 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
     """Each served half's accumulator with this rank's share of the particles inserted
     at the poses, shifts and scales ``ps`` carries (unit noise weights): the sums of
     a reconstruction at known poses.  half → :class:`Accumulator`.  Odd aberrations in
-    the optics table (rlnBeamTiltX/Y, rlnOddZernike) are taken out of the images first."""
-    from mpirefine.physics.aberrations import GroupDemodulation, input_odd_aberrations
+    the optics table (rlnBeamTiltX/Y, rlnOddZernike) are taken out of the images first;
+    even ones (rlnEvenZernike) go into the CTF."""
+    from mpirefine.physics.aberrations import (
+        GroupDemodulation,
+        GroupEvenPhase,
+        input_even_aberrations,
+        input_odd_aberrations,
+    )
 
     n = prep.box
     noise_weight = xp.ones((n, n // 2 + 1), xp.float32)
     odd = input_odd_aberrations(ps)
     demodulate = GroupDemodulation(odd, n, prep.pixel_size_A, xp) if odd else None
+    even = input_even_aberrations(ps)
+    even_phase = GroupEvenPhase(even, n, prep.pixel_size_A, xp) if even else None
     accs = {}
     with open_images(ps) as source:
         for half, mine in rank_share(par, split):
@@ -108,8 +116,9 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
                 f = prepare_images(images, prep, xp, grid)
                 if demodulate is not None:
                     f, = demodulate(ps.optics_group[idx], f)
+                offset = None if even_phase is None else even_phase(ps.optics_group[idx])
                 insert_particles(acc, f,
-                                 ctf_grid(ps.ctf.subset(idx), prep, xp, grid), noise_weight,
+                                 ctf_grid(ps.ctf.subset(idx), prep, xp, grid, offset), noise_weight,
                                  ps.rotations[idx], ps.shifts_A[idx] / prep.pixel_size_A,
                                  ps.scale[idx])
             accs[half] = acc

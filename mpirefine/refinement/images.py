@@ -96,17 +96,19 @@ def prepare_images(images, prep: ImagePrep, xp, grid: ImageGrid | None = None,
     return windowed, centered_rfft2(imgs).astype(xp.complex64)
 
 
-def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = None):
+def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = None,
+             gamma_offset=None):
     """CTF of each particle on the half-plane grid, (B, n, n // 2 + 1) float32.
 
     grid: as for :func:`prepare_images`; particles off the reference grid get their CTF
     at their effective pixel size, cut at their own Nyquist frequency where their
-    images were Fourier padded.
+    images were Fourier padded.  gamma_offset: (B, n, n // 2 + 1) phases added to each
+    particle's γ (its optics group's even aberrations, physics/aberrations.py) or None.
     """
     ky, kx = freq_grid_2d(prep.box, xp)
     if grid is None:
         scale = 1.0 / (prep.box * prep.pixel_size_A)
-        return evaluate_ctf(params, kx * scale, ky * scale)
+        return evaluate_ctf(params, kx * scale, ky * scale, gamma_offset=gamma_offset)
     n = prep.box
     pixel = grid.effective_pixel_size_A()
     values, which = np.unique(pixel, return_inverse=True)
@@ -114,7 +116,9 @@ def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = No
     for k, p in enumerate(values):
         rows = np.flatnonzero(which.reshape(-1) == k)
         scale = 1.0 / (n * float(p))
-        out[xp.asarray(rows)] = evaluate_ctf(params.subset(rows), kx * scale, ky * scale)
+        out[xp.asarray(rows)] = evaluate_ctf(
+            params.subset(rows), kx * scale, ky * scale,
+            gamma_offset=None if gamma_offset is None else gamma_offset[xp.asarray(rows)])
     padded, resampled = grid.padded_box(), grid.resampled_box()
     upsampled = np.flatnonzero(resampled > padded)
     if upsampled.size:

@@ -35,7 +35,7 @@ from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_particles, read_volume
-from mpirefine.physics.aberrations import input_odd_aberrations
+from mpirefine.physics.aberrations import input_even_aberrations, input_odd_aberrations
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
 from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.postprocess.masks import dynamic_mask
@@ -56,7 +56,7 @@ from mpirefine.refinement.halfmaps import (
     slab_masks,
     slab_references,
 )
-from mpirefine.refinement.images import ImagePrep, ctf_grid, open_images, prepare_images
+from mpirefine.refinement.images import ImagePrep, open_images, prepare_images
 from mpirefine.refinement.references import next_references
 from mpirefine.refinement.state import Convergence, Job, ParticleState
 from mpirefine.search.defocus import search_defocus
@@ -123,6 +123,11 @@ def build_job(cfg: RefineConfig, par, log) -> Job:
         job.set_odd_aberrations(odd)
         log.info(f"odd aberrations (beam tilt, trefoil) of optics group(s) {sorted(odd)} from "
                  f"{cfg.particles} are applied to their images")
+    even = input_even_aberrations(ps)
+    if even:
+        job.set_even_aberrations(even)
+        log.info(f"even aberrations (rlnEvenZernike) of optics group(s) {sorted(even)} from "
+                 f"{cfg.particles} are applied to their CTFs")
     return job
 
 
@@ -196,7 +201,7 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
         with open_images(ps) as source:
             for idx, images in source.batches(mine, job.cfg.image_batch_size):
                 f = job.demodulate(idx, prepare_images(images, job.prep, xp, ps.image_grid(idx)))
-                c = ctf_grid(ps.ctf.subset(idx), job.prep, xp, ps.image_grid(idx))
+                c = job.ctf_grid(idx, ps.ctf.subset(idx), ps.image_grid(idx))
                 res = run_search(vft, f, c, job.noise, np.ones(len(idx)), plan)
                 scales.append(np.asarray(res.optimal_scale))
         scales = np.concatenate(scales) if scales else np.zeros(0)
@@ -273,7 +278,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                     windowed, plain = prepare_images(images, job.prep, xp, grid, unwindowed=True)
                     f, f_insert = job.demodulate(idx, windowed, plain)
                     params = job.ctf_params(idx)
-                    c = ctf_grid(params, job.prep, xp, grid)
+                    c = job.ctf_grid(idx, params, grid)
                 with timer("search"):
                     res = run_search(vft, f, c, job.noise, job.state.scale[idx], plan, lattice,
                                      job.symmetry, cfg.symmetry_relaxation, shared)
@@ -287,10 +292,11 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                             vft, f_insert, params, res.rotations, res.shifts_px, scale, weights,
                             np.full(len(idx), job.prep.pixel_size_A) if grid is None
                             else grid.effective_pixel_size_A(),
-                            cfg.defocus_min_resolution_A, job.resolution_A, cfg.defocus_search_range_A)
+                            cfg.defocus_min_resolution_A, job.resolution_A, cfg.defocus_search_range_A,
+                            job.even_offsets(idx))
                         change = change + delta
                         params = params.with_defocus_offset(delta)
-                        c = ctf_grid(params, job.prep, xp, grid)
+                        c = job.ctf_grid(idx, params, grid)
                 with timer("backprojection"):
                     if plan.marginalize:
                         insert_particles(acc, f_insert, c, weights, res.candidate_rotations,

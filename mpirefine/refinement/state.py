@@ -85,6 +85,9 @@ class Job:
     odd_aberrations: dict = field(default_factory=dict)
     _demodulation: object = None           # GroupDemodulation of the current coefficients
     odd_sums: dict | None = None           # this iteration's per-group fit sums (refine.add_odd_sums)
+    # optics group → (9,) even Zernike coefficients (spherical aberration, tetrafoil, ...)
+    even_aberrations: dict = field(default_factory=dict)
+    _even_phase: object = None             # GroupEvenPhase of the current coefficients
 
     @property
     def enforce_symmetry(self) -> bool:
@@ -155,6 +158,28 @@ class Job:
     def set_odd_aberrations(self, coefficients: dict) -> None:
         self.odd_aberrations = {int(g): np.asarray(c, float) for g, c in coefficients.items()}
         self._demodulation = None
+
+    def set_even_aberrations(self, coefficients: dict) -> None:
+        self.even_aberrations = {int(g): np.asarray(c, float) for g, c in coefficients.items()}
+        self._even_phase = None
+
+    def ctf_grid(self, idx, params, grid=None):
+        """The CTFs of particles ``idx`` with ``params`` (their current CTF parameters),
+        their optics groups' even aberrations added to γ (refinement/images.py ctf_grid)."""
+        from mpirefine.refinement.images import ctf_grid
+
+        return ctf_grid(params, self.prep, self.xp, grid, self.even_offsets(idx))
+
+    def even_offsets(self, idx):
+        """(B, n, n // 2 + 1) even-aberration phases of particles ``idx``, or None."""
+        if not self.even_aberrations:
+            return None
+        if self._even_phase is None:
+            from mpirefine.physics.aberrations import GroupEvenPhase
+
+            self._even_phase = GroupEvenPhase(self.even_aberrations, self.prep.box,
+                                              self.prep.pixel_size_A, self.xp)
+        return self._even_phase(np.asarray(self.particles.optics_group)[idx])
 
     def demodulate(self, idx, *images):
         """Each particle's image transforms × exp(−i φ) of its optics group's odd

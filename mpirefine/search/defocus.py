@@ -55,7 +55,7 @@ def band_frequencies(n: int, pixel_size_A: float, min_resolution_A: float,
 
 def search_defocus(vft, images_ft, params: CTFParams, rotations, shifts_px, scale, pixel_weights,
                    pixel_sizes_A, min_resolution_A: float, max_resolution_A: float,
-                   range_A: float) -> np.ndarray:
+                   range_A: float, gamma_offset=None) -> np.ndarray:
     """Best defocus offset (Å, NumPy (B,)) of each particle.
 
     vft: the half's reference (volume_ft); images_ft (B, n, n // 2 + 1) prepared images
@@ -63,7 +63,8 @@ def search_defocus(vft, images_ft, params: CTFParams, rotations, shifts_px, scal
     (B, 3, 3), shifts_px (B, 2), scale (B,): the poses the search found; pixel_weights
     (n, n // 2 + 1): 1/σ² (NoiseModel.pixel_weights); pixel_sizes_A (B,): each
     particle's effective pixel size on the reference grid (ImageGrid), which sets its
-    CTF frequencies."""
+    CTF frequencies; gamma_offset: (B, n, n // 2 + 1) even-aberration phases added to
+    each particle's γ (its optics group's), or None."""
     xp = array_namespace(images_ft)
     n = vft.n
     B = images_ft.shape[0]
@@ -77,6 +78,7 @@ def search_defocus(vft, images_ft, params: CTFParams, rotations, shifts_px, scal
     g = w * (x.real * proj.real + x.imag * proj.imag)
     h = w * (proj.real ** 2 + proj.imag ** 2)
     a = xp.asarray(np.asarray(scale, float), dtype=xp.float32)[:, None]
+    even = None if gamma_offset is None else gamma_offset.reshape(B, -1)[:, index]
     offsets = defocus_offsets(range_A, max_resolution_A, float(np.max(params.voltage_kV)))
     scores = np.empty((B, len(offsets)))
     pixel = np.asarray(pixel_sizes_A, float).reshape(-1)
@@ -86,8 +88,10 @@ def search_defocus(vft, images_ft, params: CTFParams, rotations, shifts_px, scal
         for k, p in enumerate(sizes):
             rows = np.flatnonzero(which == k)
             shifted = _with_offsets(params.subset(rows), chunk, len(rows))
-            c = evaluate_ctf(shifted, kx / (n * p), ky / (n * p)).reshape(len(chunk), len(rows), -1)
             r = xp.asarray(rows)
+            off = None if even is None else xp.tile(even[r], (len(chunk), 1))   # offset-major
+            c = evaluate_ctf(shifted, kx / (n * p), ky / (n * p),
+                             gamma_offset=off).reshape(len(chunk), len(rows), -1)
             s = (a[r][None] * c * g[r][None] - 0.5 * (a[r][None] * c) ** 2 * h[r][None]).sum(axis=-1)
             scores[rows, start:start + len(chunk)] = to_numpy(s).T
     return _parabolic_peak(scores, offsets)

@@ -35,7 +35,13 @@ from mpirefine.fourier.transforms import freq_grid_2d
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.mrc import write_mrc, write_stack
 from mpirefine.io.star import write_relion_star
-from mpirefine.physics.aberrations import format_zernike, odd_phase, tilt_to_zernike
+from mpirefine.physics.aberrations import (
+    even_phase,
+    format_zernike,
+    odd_phase,
+    spherical_zernike,
+    tilt_to_zernike,
+)
 from mpirefine.physics.ctf import CTFParams, electron_wavelength_A, evaluate_ctf
 
 START_RESOLUTION_A = 20.0
@@ -63,6 +69,8 @@ class SimulationParams:
     stack_size: int = 1000
     beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)   # written to particles_true.star only
     trefoil: tuple[float, float] = (0.0, 0.0)          # Z3⁻³, Z3³ (rad·Å³), likewise
+    cs_error_mm: float = 0.0                           # the images' Cs above cs_mm, likewise
+    tetrafoil: tuple[float, float] = (0.0, 0.0)        # Z4⁻⁴, Z4⁴ (rad·Å⁴), likewise
 
     def validate(self, box: int) -> None:
         """Raise InputError naming the first bad parameter."""
@@ -132,24 +140,28 @@ def _draw_truth(p: SimulationParams):
 
 
 def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
-                 odd_zernike=None):
+                 odd_zernike=None, even_zernike=None):
     """Noise-free particles (m, n, n) float32: CTF · projection, shifted by -origin.
 
     rotations: (m, 3, 3) RELION matrices; origins_A: (m, 2); ctf: length m.
     odd_zernike: (6,) odd aberrations (beam tilt, trefoil; physics/aberrations.py) that
-    modulate the projections by exp(+i φ), as the microscope does.
+    modulate the projections by exp(+i φ), as the microscope does; even_zernike: (9,)
+    even ones (Cs error, tetrafoil) added to the CTF's γ.
     """
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
     odd = 1.0
     if odd_zernike is not None and np.any(odd_zernike):
         odd = np.exp(1j * odd_phase(odd_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A)))
+    even = None
+    if even_zernike is not None and np.any(even_zernike):
+        even = even_phase(even_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A))[None]
     batch = max(1, _SAMPLES_PER_BATCH // (n * (n // 2 + 1)))
     out = np.empty((len(rotations), n, n), dtype=np.float32)
     for s in range(0, len(rotations), batch):
         sl = slice(s, s + batch)
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx / (n * pixel_size_A),
-                         ky / (n * pixel_size_A))
+                         ky / (n * pixel_size_A), gamma_offset=even)
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
                                  ctf=c * odd)
     return out
@@ -186,7 +198,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                      amplitude_contrast: float = 0.1, bfactor_A2: float = 0.0, seed: int = 0,
                      stack_size: int = 1000, overwrite: bool = False,
                      source: str | None = None, beam_tilt_mrad=(0.0, 0.0),
-                     trefoil=(0.0, 0.0)) -> SimulationResult:
+                     trefoil=(0.0, 0.0), cs_error_mm: float = 0.0,
+                     tetrafoil=(0.0, 0.0)) -> SimulationResult:
     """Simulate ``n_particles`` images of ``volume`` (n, n, n) [z, y, x] at ``pixel_size_A``.
 
     snr: signal variance / noise variance over the box (math.inf: no noise).
@@ -204,7 +217,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                          tuple(float(d) for d in defocus_range_um), float(astigmatism_A),
                          float(shift_sigma_A), float(voltage_kV), float(cs_mm),
                          float(amplitude_contrast), float(bfactor_A2), int(seed), int(stack_size),
-                         tuple(float(v) for v in beam_tilt_mrad), tuple(float(v) for v in trefoil))
+                         tuple(float(v) for v in beam_tilt_mrad), tuple(float(v) for v in trefoil),
+                         float(cs_error_mm), tuple(float(v) for v in tetrafoil))
     p.validate(box)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -215,6 +229,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
     n = p.n_particles
     odd = tilt_to_zernike(*p.beam_tilt_mrad, p.cs_mm, float(electron_wavelength_A(p.voltage_kV)))
     odd[2], odd[5] = p.trefoil
+    even = spherical_zernike(p.cs_error_mm, float(electron_wavelength_A(p.voltage_kV)))
+    even[4], even[8] = p.tetrafoil
     vft = volume_ft(volume)
     starts = list(range(0, n, p.stack_size))
     stacks = [os.path.join(out_dir, f"stack_{k:03d}.mrcs") for k in range(len(starts))]
@@ -226,7 +242,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
         for k, s in enumerate(starts):
             idx = np.arange(s, min(s + p.stack_size, n))
             images = clean_images(vft, rotations[idx], origins[idx], ctf.subset(idx),
-                                  p.pixel_size_A, odd)
+                                  p.pixel_size_A, odd, even)
             signal_var_sum += float(images.var(axis=(1, 2), dtype=np.float64).sum())
             if noisy:
                 np.save(os.path.join(tmp, f"{k}.npy"), images)
@@ -259,6 +275,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
         true_optics = optics.assign(rlnBeamTiltX=p.beam_tilt_mrad[0], rlnBeamTiltY=p.beam_tilt_mrad[1],
                                     rlnOddZernike=format_zernike([0, 0, p.trefoil[0], 0, 0,
                                                                   p.trefoil[1]]))
+    if np.any(even):
+        true_optics = true_optics.assign(rlnEvenZernike=format_zernike(even))
     write_relion_star(star_true, true_optics, truth)
 
     truth_mrc = os.path.join(out_dir, "truth.mrc")
