@@ -138,20 +138,23 @@ def unique_shifts(shifts):
     """Drop repeated shifts within each row, padding rows to a common length.
 
     shifts: (b, m, 2), NumPy or CuPy.  Returns (b, T, 2) and valid (b, T) bool, T the
-    largest number of distinct shifts in a row: each row's distinct shifts in the order
-    of their first appearance, then padding that repeats the row's first shift and is
-    invalid.  Children of equal parents come from the same arithmetic, so exact
-    comparison finds every repeat.  Rows are short (4 children of each kept pose), so
-    every pair is compared; reading T is the one synchronising step on a GPU.
+    largest number of distinct shifts in a row: each row's distinct shifts sorted by x,
+    then y, then padding that repeats the row's first shift and is invalid.  Children of
+    equal parents come from the same arithmetic, so exact comparison finds every repeat.
+    Reading T is the one synchronising step on a GPU.
     """
     xp = array_namespace(shifts)
     b, m = shifts.shape[:2]
-    same = xp.all(shifts[:, :, None, :] == shifts[:, None, :, :], axis=-1)     # (b, m, m)
-    earlier = xp.tril(xp.ones((m, m), dtype=bool), k=-1)                      # j < i
-    new = ~xp.any(same & earlier, axis=2)
+    # lexicographic order by two stable sorts: by y, then by x
+    by_y = xp.argsort(shifts[..., 1], axis=1, kind="stable")
+    x = xp.take_along_axis(shifts[..., 0], by_y, axis=1)
+    order = xp.take_along_axis(by_y, xp.argsort(x, axis=1, kind="stable"), axis=1)
+    s = xp.take_along_axis(shifts, order[..., None], axis=1)
+    new = xp.ones((b, m), dtype=bool)
+    new[:, 1:] = xp.any(s[:, 1:] != s[:, :-1], axis=-1)
     count = new.sum(axis=1)
     T = int(count.max())
     column = xp.where(new, xp.cumsum(new, axis=1) - 1, T)     # repeats go to a spare column
-    out = xp.repeat(shifts[:, :1], T + 1, axis=1)
-    out[xp.arange(b)[:, None], column] = shifts
+    out = xp.repeat(s[:, :1], T + 1, axis=1)
+    out[xp.arange(b)[:, None], column] = s
     return out[:, :T], xp.arange(T)[None, :] < count[:, None]
