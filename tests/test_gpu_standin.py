@@ -368,8 +368,8 @@ def test_search_on_the_standin_is_the_numpy_array_path(cupy, monkeypatch, margin
 
     Budget per particle and search (32 px, 48 particles, 4 levels, one chunk), measured
     with the fused extraction kernel (fourier/kernels.py) and the poses on the device:
-    without marginalization 4.90 launches, 0.56 copies and 0.19 synchronising reads,
-    with it 5.27, 0.62 and 0.19 (with the array code's extraction and the poses on the
+    without marginalization 5.02 launches, 0.56 copies and 0.19 synchronising reads,
+    with it 5.40, 0.62 and 0.19 (with the array code's extraction and the poses on the
     host: 32.6 launches, 1.08 copies, no read).  Budgets about 20 % above.  All of them
     are per search or per block of particles, not per particle (next test): the reads
     are the number of distinct shifts of each level's children and the first level's
@@ -398,7 +398,7 @@ def test_search_launches_and_copies_do_not_grow_with_the_particles(cupy, monkeyp
     """No loop over particles: with slice extraction in one launch per call (the fused
     kernel) and scoring blocks sized by the device's memory, 96 particles cost what 48 do.
 
-    Measured (32 px, 4 levels, one chunk): 235 launches, 27 copies and 9 synchronising
+    Measured (32 px, 4 levels, one chunk): 241 launches, 27 copies and 9 synchronising
     reads for 48 particles, the same for 96.  Budgets: 1 launch and 0.15 copies per
     further particle, and no further read.  A loop over the particles of a block (one
     GEMM each, say) adds 6 launches per particle.
