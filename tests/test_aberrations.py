@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -191,42 +190,19 @@ def test_info_shows_each_groups_aberrations(tilted_dataset):
     assert "beam tilt" not in res.stdout
 
 
-def _fit_at_poses(star, maps, min_res_A=10.0, max_res_A=2.6):
+def _fit_at_poses(star, maps):
     """Our fit at the poses ``star`` carries, each half's particles against the *other*
-    half's map (as refine sums them), every frequency between the two resolutions."""
-    import starfile
+    half's map (as refine sums them), every frequency from 10 Å to 2.6 Å."""
+    from relion_ctf import sums_at_true_poses
 
-    from mpirefine.fourier.transforms import freq_grid_2d
-    from mpirefine.geometry.rotations import euler_to_matrix
-    from mpirefine.io import read_particles, read_volume
-    from mpirefine.postprocess.fsc import fsc_curve
-    from mpirefine.refinement.images import ImagePrep, ctf_grid, open_images, prepare_images
+    from mpirefine.refinement.images import ctf_grid
 
-    ps = read_particles(str(star))
-    table = starfile.read(star)["particles"]
-    rot = euler_to_matrix(*(table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt",
-                                                          "rlnAnglePsi")))
-    n, px = ps.box, ps.pixel_size_A
-    shifts = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / px
-    half = table["rlnRandomSubset"].to_numpy()
-    prep = ImagePrep(n, px)
-    xy, w = 0, 0
-    for h, other in ((1, maps[1]), (2, maps[0])):
-        vft = volume_ft(np.asarray(read_volume(str(other))[0], np.float32))
-        with open_images(ps) as source:
-            for idx, images in source.batches(np.flatnonzero(half == h), 256):
-                f = prepare_images(images, prep, np, unwindowed=True)[1]   # as refine sums
-                a, b = odd_aberration_sums(vft, f, ctf_grid(ps.ctf.subset(idx), prep, np),
-                                           rot[idx], shifts[idx], np.ones(len(idx)))
-                xy, w = xy + a, w + b
-    ky, kx = freq_grid_2d(n, np)
-    k = np.hypot(kx, ky) / (n * px)
-    # refine's weights: the half maps' FSC where it is at least 0.143, in the band
-    fsc = np.asarray(fsc_curve(*(read_volume(str(m))[0] for m in maps)))
-    shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
-    weight = np.where(fsc[shell] >= 0.143, fsc[shell], 0.0)
-    weight *= (k >= 1 / min_res_A) & (k <= 1 / max_res_A)
-    return fit_odd_aberrations(xy, w, kx / (n * px), ky / (n * px), weight, 2.7, LAMBDA)
+    def batch(vft, f, params, rot, shifts, prep, _kx_A, _ky_A):
+        return odd_aberration_sums(vft, f, ctf_grid(params, prep, np), rot, shifts,
+                                   np.ones(len(rot)))
+
+    (xy, w), kx_A, ky_A, _, weight = sums_at_true_poses(star, maps, batch)
+    return fit_odd_aberrations(xy, w, kx_A, ky_A, weight, 2.7, LAMBDA)
 
 
 @pytest.mark.skipif(shutil.which("relion_ctf_refine") is None,
@@ -237,35 +213,13 @@ def test_relion_ctf_refine_reads_our_conventions_and_agrees(tilted_dataset, tmp_
     rlnBeamTiltX/Y and rlnOddZernike (measured: 1.003 / −0.609 mrad, 40.4 / −24.6 rad·Å³),
     so our signs, axes and Zernike order are RELION's; our fit on the same particles and
     maps agrees with it within 0.1 mrad and 10 % (measured: 0.968 / −0.605, 40.3 / −25.4)."""
-    import starfile
-    from test_refine import run_cli
+    from relion_ctf import relion_ctf_refine_at_true_poses
 
     from mpirefine.physics.aberrations import parse_zernike
 
-    true = starfile.read(tilted_dataset / "particles_true.star")
-    # half maps at the true poses, the aberrations taken out (reconstruct reads them)
-    res = run_cli(["reconstruct", str(tilted_dataset / "particles_true.star"), "--out",
-                   str(tmp_path / "rec"), "--project-dir", str(tilted_dataset)])
-    assert res.returncode == 0, res.stderr[-2000:]
-    maps = [tmp_path / f"ref_half{h}_class001_unfil.mrc" for h in (1, 2)]
-    shutil.copy(tmp_path / "rec" / "map_half_A.mrc", maps[0])
-    shutil.copy(tmp_path / "rec" / "map_half_B.mrc", maps[1])
-    # the particles without their aberrations, for RELION to find them
-    particles = true["particles"].copy()
-    particles["rlnImageName"] = [f"{i.split('@')[0]}@{tilted_dataset / i.split('@')[1]}"
-                                 for i in particles["rlnImageName"]]
-    optics = true["optics"].drop(columns=["rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike"])
-    starfile.write({"optics": optics, "particles": particles}, tmp_path / "in.star", overwrite=True)
-    for cmd in (["relion_mask_create", "--i", maps[0].name, "--o", "mask.mrc", "--ini_threshold",
-                 "0.02", "--extend_inimask", "3", "--width_soft_edge", "3"],
-                ["relion_postprocess", "--i", maps[0].name, "--mask", "mask.mrc", "--angpix",
-                 "1.25", "--o", "pp"],
-                ["relion_ctf_refine", "--i", "in.star", "--f", "pp.star", "--o", "ctf/",
-                 "--fit_beamtilt", "--kmin_tilt", "10", "--odd_aberr_max_n", "3"]):
-        subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    out = tmp_path / "ctf" / "particles_ctf_refine.star"
-    assert out.exists(), "relion_ctf_refine wrote no particles_ctf_refine.star"
-    theirs = starfile.read(out)["optics"].iloc[0]
+    theirs, maps = relion_ctf_refine_at_true_poses(
+        tilted_dataset, tmp_path, ["rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike"],
+        ["--fit_beamtilt", "--kmin_tilt", "10", "--odd_aberr_max_n", "3"])
     tilt = (float(theirs["rlnBeamTiltX"]), float(theirs["rlnBeamTiltY"]))
     trefoil = parse_zernike(theirs["rlnOddZernike"])[[2, 5]]
     assert tilt == pytest.approx((1.0, -0.6), abs=0.05), tilt

@@ -124,44 +124,20 @@ def even_dataset(tmp_path_factory):
     return out
 
 
-def _even_fit_at_poses(star, maps, min_res_A=10.0, max_res_A=2.6, raw=False):
+def _even_fit_at_poses(star, maps, raw=False):
     """Our even fit at the poses ``star`` carries (its CTF without even aberrations),
-    each half's particles against the *other* half's map, every frequency between the
-    two resolutions weighted by the half maps' FSC, as refine sums and weights them
-    (``raw``: without the correction for the maps' noise, as relion_ctf_refine fits)."""
-    import starfile
+    each half's particles against the *other* half's map, every frequency from 10 Å to
+    2.6 Å weighted by the half maps' FSC, as refine sums and weights them (``raw``:
+    without the correction for the maps' noise, as relion_ctf_refine fits)."""
+    from relion_ctf import sums_at_true_poses
 
-    from mpirefine.geometry.rotations import euler_to_matrix
-    from mpirefine.io import read_particles, read_volume
-    from mpirefine.postprocess.fsc import fsc_curve
-    from mpirefine.refinement.images import ImagePrep, open_images, prepare_images
+    def batch(vft, f, params, rot, shifts, _prep, kx_A, ky_A):
+        return even_aberration_sums(vft, f, ctf_gamma(params, kx_A, ky_A), rot, shifts,
+                                    np.ones(len(rot)))
 
-    ps = read_particles(str(star))
-    table = starfile.read(star)["particles"]
-    rot = euler_to_matrix(*(table[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt",
-                                                          "rlnAnglePsi")))
-    n, px = ps.box, ps.pixel_size_A
-    shifts = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / px
-    half = table["rlnRandomSubset"].to_numpy()
-    prep = ImagePrep(n, px)
-    ky, kx = freq_grid_2d(n, np)
-    kx_A, ky_A = kx / (n * px), ky / (n * px)
-    sums = 0
-    for h, other in ((1, maps[1]), (2, maps[0])):
-        vft = volume_ft(np.asarray(read_volume(str(other))[0], np.float32))
-        with open_images(ps) as source:
-            for idx, images in source.batches(np.flatnonzero(half == h), 256):
-                f = prepare_images(images, prep, np, unwindowed=True)[1]
-                s = even_aberration_sums(vft, f, ctf_gamma(ps.ctf.subset(idx), kx_A, ky_A),
-                                         rot[idx], shifts[idx], np.ones(len(idx)))
-                sums = np.asarray(s) + sums
-    k = np.hypot(kx_A, ky_A)
-    fsc = np.asarray(fsc_curve(*(read_volume(str(m))[0] for m in maps)))
-    shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
-    weight = np.where(fsc[shell] >= 0.143, fsc[shell], 0.0)
-    weight *= (k >= 1 / min_res_A) & (k <= 1 / max_res_A)
+    sums, kx_A, ky_A, fsc, weight = sums_at_true_poses(star, maps, batch)
     return fit_even_aberrations(sums, kx_A, ky_A, weight, LAMBDA,
-                                reference_fsc=None if raw else np.clip(fsc[shell], 0, 1))
+                                reference_fsc=None if raw else fsc)
 
 
 @pytest.mark.skipif(__import__("shutil").which("relion_ctf_refine") is None,
@@ -179,36 +155,14 @@ def test_relion_ctf_refine_finds_our_even_aberrations_and_agrees(even_dataset, t
     as the reference instead: 0.408 mm).  The half maps
     reach 3.4 Å (FSC 0.143), where the Cs error is only 0.3 rad, so their noise biases
     an uncorrected fit of it by 10 %."""
-    import shutil
-    import subprocess
-
-    import starfile
-    from test_refine import run_cli
+    from relion_ctf import relion_ctf_refine_at_true_poses
 
     from mpirefine.physics.aberrations import SPHERICAL_TERM, TETRAFOIL_TERMS, parse_zernike
 
-    true = starfile.read(even_dataset / "particles_true.star")
-    res = run_cli(["reconstruct", str(even_dataset / "particles_true.star"), "--out",
-                   str(tmp_path / "rec"), "--project-dir", str(even_dataset)])
-    assert res.returncode == 0, res.stderr[-2000:]
-    maps = [tmp_path / f"ref_half{h}_class001_unfil.mrc" for h in (1, 2)]
-    shutil.copy(tmp_path / "rec" / "map_half_A.mrc", maps[0])
-    shutil.copy(tmp_path / "rec" / "map_half_B.mrc", maps[1])
-    particles = true["particles"].copy()
-    particles["rlnImageName"] = [f"{i.split('@')[0]}@{even_dataset / i.split('@')[1]}"
-                                 for i in particles["rlnImageName"]]
-    optics = true["optics"].drop(columns=["rlnEvenZernike"])
-    starfile.write({"optics": optics, "particles": particles}, tmp_path / "in.star", overwrite=True)
-    for cmd in (["relion_mask_create", "--i", maps[0].name, "--o", "mask.mrc", "--ini_threshold",
-                 "0.02", "--extend_inimask", "3", "--width_soft_edge", "3"],
-                ["relion_postprocess", "--i", maps[0].name, "--mask", "mask.mrc", "--angpix",
-                 "1.25", "--o", "pp"],
-                ["relion_ctf_refine", "--i", "in.star", "--f", "pp.star", "--o", "ctf/",
-                 "--fit_aberr", "--kmin_aberr", "10", "--even_aberr_max_n", "4"]):
-        subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    out = tmp_path / "ctf" / "particles_ctf_refine.star"
-    assert out.exists(), "relion_ctf_refine wrote no particles_ctf_refine.star"
-    theirs = parse_zernike(starfile.read(out)["optics"].iloc[0]["rlnEvenZernike"])
+    row, maps = relion_ctf_refine_at_true_poses(
+        even_dataset, tmp_path, ["rlnEvenZernike"],
+        ["--fit_aberr", "--kmin_aberr", "10", "--even_aberr_max_n", "4"])
+    theirs = parse_zernike(row["rlnEvenZernike"])
     their_cs = zernike_to_spherical(theirs[SPHERICAL_TERM], LAMBDA)
     their_tetra = theirs[list(TETRAFOIL_TERMS)]
     assert their_cs == pytest.approx(0.4, rel=0.15), theirs

@@ -32,12 +32,20 @@ from mpirefine.backend import array_namespace
 
 THREADS = 256  # threads per block: one sample each
 
-# The point A^T (kx, ky, 0) · pad of rotation r (RELION matrices, row-major (3, 3)),
-# mirrored to x >= 0 where the transform is stored (s = -1: the conjugate is read).
+# The sample of this thread, i = (rotation r, frequency k), and its point A^T (kx, ky,
+# 0) · pad (RELION matrices, row-major (3, 3)) mirrored to x >= 0 where the transform
+# is stored (s = -1: the conjugate is read); false for a thread past the last sample.
 _POINT = r"""
-__device__ __forceinline__ void half_space_point(const float* A, float px, float py,
-                                                 float* x, float* y, float* z, float* s)
+__device__ __forceinline__ bool thread_sample(
+    long long n_samples, int K, const float* rot, const float* kx, const float* ky,
+    float pad, long long* i, long long* r, int* k, float* x, float* y, float* z, float* s)
 {
+    *i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (*i >= n_samples) return false;
+    *r = *i / K;
+    *k = (int)(*i - *r * K);
+    const float* A = rot + 9 * *r;
+    float px = kx[*k] * pad, py = ky[*k] * pad;
     float qx = A[0] * px + A[3] * py;
     float qy = A[1] * px + A[4] * py;
     float qz = A[2] * px + A[5] * py;
@@ -45,6 +53,7 @@ __device__ __forceinline__ void half_space_point(const float* A, float px, float
     *x = qx * *s;
     *y = qy * *s;
     *z = qz * *s;
+    return true;
 }
 """
 
@@ -55,12 +64,10 @@ extern "C" __global__ void mpirefine_slices(
     long long n_samples, int K, float pad, float half, float xmax, float ymax,
     long long stride_y, long long stride_z)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_samples) return;
-    long long r = i / K;
-    int k = (int)(i - r * K);
+    long long i, r;
+    int k;
     float x, y, z, s;
-    half_space_point(rot + 9 * r, kx[k] * pad, ky[k] * pad, &x, &y, &z, &s);
+    if (!thread_sample(n_samples, K, rot, kx, ky, pad, &i, &r, &k, &x, &y, &z, &s)) return;
     /* frame coordinates: x from 0, y and z from the leading zero plane */
     x = fminf(fmaxf(x, 0.0f), xmax);
     y = fminf(fmaxf(y + half, 0.0f), ymax);
@@ -94,12 +101,10 @@ extern "C" __global__ void mpirefine_insert(
     const float* vw, const float* kx, const float* ky,
     long long n_samples, int K, float pad, int P, int nx)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_samples) return;
-    long long r = i / K;
-    int k = (int)(i - r * K);
+    long long i, r;
+    int k;
     float x, y, z, s;
-    half_space_point(rot + 9 * r, kx[k] * pad, ky[k] * pad, &x, &y, &z, &s);
+    if (!thread_sample(n_samples, K, rot, kx, ky, pad, &i, &r, &k, &x, &y, &z, &s)) return;
     float xf = floorf(x), yf = floorf(y), zf = floorf(z);
     float fx = x - xf, fy = y - yf, fz = z - zf;
     long long x0 = (long long)xf, y0 = (long long)yf + P / 2, z0 = (long long)zf + P / 2;
