@@ -1,6 +1,7 @@
 """Measured peak memory of `mpirefine refine` per rank against the memory plan's forecast
 (mpirefine/report/memory.py, what `mpirefine info --ranks N` prints), on the CPU with
-the array code (MPIREFINE_JIT=0: the code CuPy runs).
+the array code (MPIREFINE_JIT=0: the array-namespace reference, without the Numba
+and CUDA kernels).
 
 For each box (``--boxes``, default 64 128 256) the shipped apoferritin model is
 simulated with `mpirefine simulate` (``--n-particles``, default 300; a 282 Å box: 4.4,

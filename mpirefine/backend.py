@@ -3,8 +3,10 @@
 Math modules call :func:`array_namespace` on their inputs and use what it returns;
 they never import cupy themselves and never branch on the backend, with one
 exception: slice extraction and insertion hand NumPy arrays to the compiled kernels
-of :mod:`mpirefine.fourier.compiled` (Numba).  The array-namespace code they stand
-in for is what CuPy runs, and the tests check the two against each other.
+of :mod:`mpirefine.fourier.compiled` (Numba) and CuPy arrays to the fused CUDA
+kernels of :mod:`mpirefine.fourier.kernels`.  The array-namespace code they stand in
+for stays the reference (``MPIREFINE_JIT=0`` selects it on either backend), and the
+tests check them against it.
 """
 
 from __future__ import annotations
