@@ -469,9 +469,9 @@ def test_refine_on_the_standin_writes_the_numpy_maps(c4_particles, tmp_path, ran
     =============  ========  ======  ===================
     case           launches  copies  synchronising reads
     =============  ========  ======  ===================
-    1 rank,  AM      32.9     1.91    0.50
-    3 ranks, AM      64.2     4.62    1.26
-    3 ranks, C4r     40.6     4.75    1.26
+    1 rank,  AM      33.2     1.91    0.50
+    3 ranks, AM      64.8     4.62    1.26
+    3 ranks, C4r     41.1     4.75    1.26
     =============  ========  ======  ===================
 
     (AM: C4 with --adaptive-marginalization; C4r: C4 relaxation by marginalization; one
