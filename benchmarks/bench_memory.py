@@ -50,10 +50,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scale  # noqa: E402  (its /proc samplers)
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "NUMBA_NUM_THREADS")
+THREAD_VARIABLES = bench_scale.THREAD_VARIABLES
+START_LOWPASS_A = bench_scale.START_LOWPASS_A
 BOX_A = 282.0
-START_LOWPASS_A = 20.0
 
 
 def parse_args(argv=None):

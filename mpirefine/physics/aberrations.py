@@ -182,29 +182,49 @@ def demodulation(coefficients, kx_A, ky_A, xp):
     return xp.exp(-1j * phi).astype(xp.complex64)
 
 
-class GroupDemodulation:
+def frequency_grid_A(n: int, pixel_size_A: float, xp):
+    """(kx, ky) in 1/Å on the (n, n // 2 + 1) image grid of ``pixel_size_A``, float64."""
+    from mpirefine.fourier.transforms import freq_grid_2d
+
+    ky, kx = freq_grid_2d(n, xp)
+    scale = 1.0 / (n * pixel_size_A)
+    shape = (n, n // 2 + 1)
+    return (xp.broadcast_to(xp.asarray(kx, dtype=xp.float64) * scale, shape),
+            xp.broadcast_to(xp.asarray(ky, dtype=xp.float64) * scale, shape))
+
+
+class GroupTable:
+    """One (n, n // 2 + 1) array per optics group, stacked behind ``neutral`` (row 0:
+    the particles of groups without an entry); :meth:`lookup` gives each particle's."""
+
+    def __init__(self, neutral, per_group: dict, xp):
+        groups = sorted(int(g) for g in per_group)
+        self.table = xp.stack([neutral] + [per_group[g] for g in groups])
+        self.row = np.zeros(max(groups, default=0) + 1, np.int64)   # group → table row
+        self.row[groups] = np.arange(1, len(groups) + 1)
+        self.xp = xp
+
+    def lookup(self, optics_groups):
+        """(B, n, n // 2 + 1): the array of each particle's optics group."""
+        g = np.asarray(optics_groups, np.int64)
+        rows = np.where((g >= 0) & (g < len(self.row)), self.row[np.clip(g, 0, len(self.row) - 1)], 0)
+        return self.table[self.xp.asarray(rows)]
+
+
+class GroupDemodulation(GroupTable):
     """exp(−i φ) of each optics group's odd aberrations on the (n, n // 2 + 1) image
     grid of ``pixel_size_A``, applied to each particle's transforms by its group
     (particles of groups without aberrations are multiplied by 1)."""
 
     def __init__(self, coefficients: dict, n: int, pixel_size_A: float, xp):
-        from mpirefine.fourier.transforms import freq_grid_2d
-
-        groups = sorted(int(g) for g in coefficients)
-        ky, kx = freq_grid_2d(n, xp)
-        scale = 1.0 / (n * pixel_size_A)
-        self.table = xp.stack([xp.ones((n, n // 2 + 1), xp.complex64)]
-                              + [demodulation(coefficients[g], kx * scale, ky * scale, xp)
-                                 for g in groups])
-        self.row = np.zeros(max(groups, default=0) + 1, np.int64)   # group → table row
-        self.row[groups] = np.arange(1, len(groups) + 1)
-        self.xp = xp
+        kx_A, ky_A = frequency_grid_A(n, pixel_size_A, xp)
+        super().__init__(xp.ones((n, n // 2 + 1), xp.complex64),
+                         {int(g): demodulation(c, kx_A, ky_A, xp) for g, c in coefficients.items()},
+                         xp)
 
     def __call__(self, optics_groups, *images):
         """``images`` (each (B, n, n // 2 + 1)) × their particles' factors, a tuple."""
-        g = np.asarray(optics_groups, np.int64)
-        rows = np.where((g >= 0) & (g < len(self.row)), self.row[np.clip(g, 0, len(self.row) - 1)], 0)
-        factor = self.table[self.xp.asarray(rows)]
+        factor = self.lookup(optics_groups)
         return tuple(a * factor for a in images)
 
 
@@ -458,30 +478,19 @@ def spherical_zernike(delta_cs_mm: float, wavelength_A: float) -> np.ndarray:
     return out
 
 
-class GroupEvenPhase:
+class GroupEvenPhase(GroupTable):
     """δ(k) of each optics group's even aberrations on the (n, n // 2 + 1) image grid of
     ``pixel_size_A``: the phase each particle's CTF adds to γ, by its group (0 for
     groups without even aberrations)."""
 
     def __init__(self, coefficients: dict, n: int, pixel_size_A: float, xp):
-        from mpirefine.fourier.transforms import freq_grid_2d
-
-        groups = sorted(int(g) for g in coefficients)
-        ky, kx = freq_grid_2d(n, xp)
-        scale = 1.0 / (n * pixel_size_A)
-        kx_A = xp.broadcast_to(xp.asarray(kx, dtype=xp.float64) * scale, (n, n // 2 + 1))
-        ky_A = xp.broadcast_to(xp.asarray(ky, dtype=xp.float64) * scale, (n, n // 2 + 1))
-        self.table = xp.stack([xp.zeros((n, n // 2 + 1), xp.float64)]
-                              + [even_phase(coefficients[g], kx_A, ky_A) for g in groups])
-        self.row = np.zeros(max(groups, default=0) + 1, np.int64)   # group → table row
-        self.row[groups] = np.arange(1, len(groups) + 1)
-        self.xp = xp
+        kx_A, ky_A = frequency_grid_A(n, pixel_size_A, xp)
+        super().__init__(xp.zeros((n, n // 2 + 1), xp.float64),
+                         {int(g): even_phase(c, kx_A, ky_A) for g, c in coefficients.items()}, xp)
 
     def __call__(self, optics_groups):
         """(B, n, n // 2 + 1) phases of the particles of ``optics_groups`` (B,)."""
-        g = np.asarray(optics_groups, np.int64)
-        rows = np.where((g >= 0) & (g < len(self.row)), self.row[np.clip(g, 0, len(self.row) - 1)], 0)
-        return self.table[self.xp.asarray(rows)]
+        return self.lookup(optics_groups)
 
 
 def input_even_aberrations(particle_set) -> dict:
