@@ -59,7 +59,7 @@ class RefineConfig:
     dynamic_mask_near: float = 0.5
     dynamic_mask_far: float = 1.2
     dynamic_mask_absolute: bool = False
-    # CTF refinement and Ewald sphere (not built yet)
+    # CTF refinement and Ewald sphere
     optimize_defocus: bool = False
     defocus_search_range_A: float = 2000.0      # ± around the current defocus
     defocus_min_resolution_A: float = 20.0      # lowest frequency the defocus fit uses
@@ -75,6 +75,8 @@ class RefineConfig:
     ewald_correction: bool = False
     # "negative" (the default) or "positive"; with --ewald-correction only
     ewald_curvature: str | None = None
+    # the diameter that separates the side bands; None: measured on the initial reference
+    particle_diameter_A: float | None = None
     # computation (no effect on results)
     image_batch_size: int = 256
     # True unless --image-batch-size was given: a GPU rank then takes the largest batch
@@ -96,9 +98,10 @@ class RefineConfig:
                 raise InputError(f"{flag(name)} must be a positive number{unit}, got {v}; "
                                  f"give a value above 0 or leave {flag(name)} out for its default")
 
-        for name in ("pixel_size_A", "initial_lowpass_A", "gsfsc_split_resolution_A",
-                     "batchsize_epsilon", "batchsize_snrfactor", "dynamic_mask_start_resolution_A",
-                     "max_align_resolution_A", "dynamic_mask_near", "dynamic_mask_far"):
+        for name in ("pixel_size_A", "particle_diameter_A", "initial_lowpass_A",
+                     "gsfsc_split_resolution_A", "batchsize_epsilon", "batchsize_snrfactor",
+                     "dynamic_mask_start_resolution_A", "max_align_resolution_A",
+                     "dynamic_mask_near", "dynamic_mask_far"):
             positive(name)
         if self.box_px is not None and (int(self.box_px) != self.box_px or self.box_px < 2
                                         or self.box_px % 2):
@@ -142,6 +145,9 @@ class RefineConfig:
         if self.ewald_curvature is not None and not self.ewald_correction:
             raise InputError("--ewald-curvature sets the sign of the Ewald sphere correction; "
                              "it applies only with --ewald-correction")
+        if self.particle_diameter_A is not None and not self.ewald_correction:
+            raise InputError("--particle-diameter is the mask that separates the side bands "
+                             "of the Ewald sphere correction; it applies only with --ewald-correction")
 
     def unsupported(self) -> list[str]:
         """Reasons this configuration cannot run yet (empty when it can)."""
@@ -161,8 +167,6 @@ class RefineConfig:
             if not (self.ctf_fit_tilt or self.ctf_fit_trefoil):
                 problems.append("--optimize-ctf-global with --no-fit-tilt and --no-fit-trefoil "
                                 "fits nothing: turn one on")
-        if self.ewald_correction:
-            problems.append("--ewald-correction: Ewald sphere correction is not supported yet")
         return problems
 
     def check_supported(self) -> None:

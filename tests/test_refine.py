@@ -109,7 +109,6 @@ def test_help_lists_every_common_parameter_with_default():
 
 @pytest.mark.parametrize("flag", [["--symmetry", "C4", "--symmetry-relaxation", "maximization",
                                    "--adaptive-marginalization"],
-                                  ["--ewald-correction"],
                                   ["--optimize-ctf-global", "--fit-spherical-aberration"],
                                   ["--optimize-ctf-global", "--fit-anisomag"]])
 def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, flag):
@@ -131,6 +130,11 @@ def test_bad_parameters_are_refused(refine_dataset, tmp_path):
     # the curvature sign alone would do nothing: refused, not ignored
     res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--ewald-curvature", "positive"))
     assert res.returncode == 2 and "applies only with --ewald-correction" in res.stderr
+    res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--particle-diameter", "80"))
+    assert res.returncode == 2 and "applies only with --ewald-correction" in res.stderr
+    res = run_cli(refine_args(refine_dataset, str(tmp_path / "r"), "--ewald-correction",
+                              "--particle-diameter", "-3"))
+    assert res.returncode == 2 and "--particle-diameter" in res.stderr
 
 
 @pytest.fixture(scope="module")

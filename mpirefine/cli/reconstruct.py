@@ -28,7 +28,39 @@ def add_args(parser):
     parser.add_argument("--window", action="store_true",
                         help="window images with a soft circle (0.85–0.99 of half the box) "
                              "before insertion [off]")
+    parser.add_argument("--ewald-correction", action="store_true",
+                        help="Ewald sphere correction: insert each image's two side bands on "
+                             "the curved sphere of its voltage, as relion_reconstruct --ewald "
+                             "[off]")
+    parser.add_argument("--ewald-curvature", default=None, choices=["negative", "positive"],
+                        help="curvature sign, with --ewald-correction only; negative is "
+                             "relion_reconstruct --ewald's default, positive its "
+                             "--reverse_curvature [negative]")
+    parser.add_argument("--particle-diameter", dest="particle_diameter_A", type=float,
+                        default=None, metavar="Å",
+                        help="diameter of the disc that separates the side bands, Å, as "
+                             "relion_reconstruct --mask_diameter; needed with --ewald-correction")
     add_device_args(parser)
+
+
+def ewald_option(args):
+    """The EwaldCorrection the options ask for, or None; InputError for a bad combination."""
+    from mpirefine.errors import InputError
+    from mpirefine.physics.ewald import EwaldCorrection
+
+    if not args.ewald_correction:
+        for given, flag in ((args.ewald_curvature, "--ewald-curvature"),
+                            (args.particle_diameter_A, "--particle-diameter")):
+            if given is not None:
+                raise InputError(f"{flag} applies only with --ewald-correction")
+        return None
+    if args.particle_diameter_A is None:
+        raise InputError("--ewald-correction needs --particle-diameter (Å): the disc that "
+                         "separates the two side bands, a little larger than the particle")
+    try:
+        return EwaldCorrection(args.ewald_curvature or "negative", args.particle_diameter_A)
+    except ValueError as exc:
+        raise InputError(f"--particle-diameter: {exc}") from exc
 
 
 def main(args) -> int:
@@ -48,6 +80,7 @@ def main(args) -> int:
     from mpirefine.refinement.images import ImagePrep
 
     start = time.time()
+    ewald = ewald_option(args)
     par = Parallel()
     log = get_logger(rank=par.rank)
     quiet_input_warnings(par.rank)
@@ -67,7 +100,10 @@ def main(args) -> int:
     log.info(f"reconstruct: {len(ps)} particles, box {n}, {px:.3f} Å/px{groups}, "
              f"{par.size} rank(s), {backend_name(xp)}")
     group = point_group(args.symmetry)
-    accs = insert_at_poses(par, ps, split, prep, xp, args.image_batch_size)
+    if ewald is not None:
+        log.info(f"Ewald sphere correction: {ewald.curvature} curvature, side bands separated "
+                 f"by a {ewald.diameter_A:g} Å disc")
+    accs = insert_at_poses(par, ps, split, prep, xp, args.image_batch_size, ewald)
     halves = reconstruct_half_maps(par, accs, n, group if len(group) > 1 else None)
     unfiltered = full_map(par, accs, n)
     fsc = par.bcast_obj(halves.fsc if par.is_root else None, root=0)
@@ -84,6 +120,8 @@ def main(args) -> int:
     write_json(os.path.join(out, "summary.json"), {
         "command": "reconstruct", "particles": os.path.abspath(args.particles),
         "n_particles": len(ps), "box": n, "pixel_size_A": px, "symmetry": args.symmetry,
+        "ewald": None if ewald is None else {"curvature": ewald.curvature,
+                                             "particle_diameter_A": ewald.diameter_A},
         "resolution_A_0143": res, "resolution_A_05": resolution_A(fsc, n, px, 0.5),
         "n_ranks": par.size, "backend": backend_name(xp),
         "wall_seconds": time.time() - start})

@@ -135,9 +135,17 @@ def add_args(parser):
                    help="the global CTF fit starts once the GSFSC resolution is finer than "
                         "this, Å [8]")
     g.add_argument("--ewald-correction", action=B, default=False,
-                   help="Ewald sphere correction (not supported yet) [off]")
+                   help="Ewald sphere correction: insert each image's two side bands on the "
+                        "curved sphere of its voltage (the alignment stays flat) [off]")
     g.add_argument("--ewald-curvature", default=None, choices=["negative", "positive"],
-                   help="Ewald sphere curvature sign, with --ewald-correction only [negative]")
+                   help="Ewald sphere curvature sign, with --ewald-correction only; negative "
+                        "is relion_reconstruct --ewald's default, positive its "
+                        "--reverse_curvature [negative]")
+    g.add_argument("--particle-diameter", dest="particle_diameter_A", type=float, default=None,
+                   metavar="Å",
+                   help="diameter of the disc that separates the side bands, Å, with "
+                        "--ewald-correction only [the particle's extent in the low-passed "
+                        "initial volume]")
     g = p.add_argument_group("computation (no effect on results)")
     g.add_argument("--image-batch-size", type=int, default=None, metavar="N",
                    help="images processed at once per rank [256 on the CPU; on a GPU the "

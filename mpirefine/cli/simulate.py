@@ -94,6 +94,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--tetrafoil", type=float, nargs=2, default=(0.0, 0.0), metavar=("A", "B"),
                      help="tetrafoil: coefficients of RELION's even Zernike terms Z4⁻⁴, Z4⁴ "
                           "(rad·Å⁴), likewise [0 0]")
+    sim.add_argument("--ewald-curvature", default=None, choices=["negative", "positive"],
+                     help="project onto the curved Ewald sphere of --voltage-kV with this "
+                          "curvature sign (refine and reconstruct --ewald-curvature) "
+                          "[off: a flat sphere]")
     sim.add_argument("--stack-size", type=int, default=1000, metavar="N",
                      help="images per .mrcs stack, also the batch held in memory "
                      "(default: %(default)s)")
@@ -180,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
         amplitude_contrast=args.amplitude_contrast, bfactor_A2=args.ctf_bfactor,
         seed=args.seed, stack_size=args.stack_size, overwrite=True, source=what,
         beam_tilt_mrad=tuple(args.beam_tilt), trefoil=tuple(args.trefoil),
-        cs_error_mm=args.cs_error, tetrafoil=tuple(args.tetrafoil))
+        cs_error_mm=args.cs_error, tetrafoil=tuple(args.tetrafoil),
+        ewald_curvature=args.ewald_curvature)
     noise = ("no noise" if not math.isfinite(args.snr)
              else f"SNR {args.snr:g}, noise sigma {result.noise_sigma:.4g}")
     print(f"simulated {args.n_particles} particles of {what}\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpirefine.backend import array_namespace
+from mpirefine.backend import array_namespace, to_numpy
 from mpirefine.fourier import compiled, kernels
 from mpirefine.fourier.project import slice_coordinates, trilinear_stencil
 
@@ -38,11 +38,13 @@ class Accumulator:
     def size(self) -> int:
         return self.pad * self.n
 
-    def insert(self, rotations, values, weights, kx, ky) -> None:
+    def insert(self, rotations, values, weights, kx, ky, kz=None) -> None:
         """Add slices at A^T (kx, ky, 0).
 
         rotations: (R, 3, 3); values: (R, K) complex; weights: (R, K) real;
         kx, ky: (K,) frequencies in cycles per box of the unpadded images.
+        kz: (K,) or (R, K) heights off the central plane, for curved Ewald spheres
+        (physics/ewald.py); on a GPU these take the array code.
         NumPy accumulators use the compiled scatter of :mod:`mpirefine.fourier.compiled`
         when Numba is installed, CuPy ones the fused kernel of
         :mod:`mpirefine.fourier.kernels`; otherwise (``MPIREFINE_JIT=0``) an unbuffered
@@ -52,12 +54,13 @@ class Accumulator:
         xp = array_namespace(self.data)
         contiguous = self.data.flags.c_contiguous and self.weight.flags.c_contiguous
         if compiled.enabled(xp) and contiguous:
-            compiled.insert_slices(self.data, self.weight, self.pad, rotations, values, weights, kx, ky)
+            compiled.insert_slices(self.data, self.weight, self.pad, rotations, values, weights,
+                                   kx, ky, None if kz is None else to_numpy(kz))
             return
-        if kernels.enabled(xp) and contiguous:
+        if kernels.enabled(xp) and contiguous and kz is None:
             kernels.insert_slices(self.data, self.weight, self.pad, rotations, values, weights, kx, ky)
             return
-        q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), self.pad)
+        q = slice_coordinates(xp.asarray(rotations), xp.asarray(kx), xp.asarray(ky), self.pad, kz)
         index, corner_w, flip = trilinear_stencil(*q, self.size)
         values = xp.asarray(values, dtype=xp.complex64)
         values = xp.where(flip, xp.conj(values), values)

@@ -68,22 +68,24 @@ def projection_tables(vft, rotations, kx, ky, out=None, rows=None):
     return out
 
 
-def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky) -> None:
+def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky, kz=None) -> None:
     """Add slices into half-space accumulators, the adjoint of the extraction:
     ``data`` (P, P, P // 2 + 1) complex128 += trilinear spread of ``values`` (R, K)
     (conjugated where the point is mirrored), ``weight`` (same shape, float64) +=
-    that of ``weights`` (R, K); corners outside the grid are dropped.  One thread
-    (a scatter)."""
+    that of ``weights`` (R, K); corners outside the grid are dropped.  kz: None (the
+    central plane) or (K,) or (R, K) heights off it (curved Ewald spheres).  One
+    thread (a scatter)."""
     kernel = _get_kernel("insert")
     values = np.asarray(values, dtype=np.complex64)
     P = data.shape[0]
+    kz = np.zeros((1, len(kx)), np.float32) if kz is None else np.asarray(kz, np.float32)
     kernel(data.reshape(P, P, -1).view(np.float64), weight,
            np.ascontiguousarray(rotations, dtype=np.float32),
            np.ascontiguousarray(values.real, dtype=np.float32),
            np.ascontiguousarray(values.imag, dtype=np.float32),
            np.ascontiguousarray(weights, dtype=np.float32),
            np.ascontiguousarray(kx, dtype=np.float32), np.ascontiguousarray(ky, dtype=np.float32),
-           np.float32(pad))
+           np.ascontiguousarray(kz.reshape(-1, len(kx))), np.float32(pad))
 
 
 def _get_kernel(name: str):
@@ -108,13 +110,15 @@ def _threads(available: int) -> int:
     return max(1, min(available, wanted))
 
 
-def _half_space_point_py(a00, a10, a01, a11, a02, a12, px, py):
-    """The point A^T (px, py, 0) of a slice (padded grid units), mirrored to x >= 0
-    (the stored half of the transform): (x, y, z, sign), sign -1 where mirrored (the
-    sample is then the conjugate).  The one copy of this step for both kernels."""
-    x = a00 * px + a10 * py
-    y = a01 * px + a11 * py
-    z = a02 * px + a12 * py
+def _half_space_point_py(a00, a10, a01, a11, a02, a12, px, py, ox, oy, oz):
+    """The point A^T (px, py, 0) + (ox, oy, oz) of a slice (padded grid units; the
+    offset is A^T (0, 0, pz) on a curved Ewald sphere, 0 on the central plane),
+    mirrored to x >= 0 (the stored half of the transform): (x, y, z, sign), sign -1
+    where mirrored (the sample is then the conjugate).  The one copy of this step for
+    both kernels."""
+    x = a00 * px + a10 * py + ox
+    y = a01 * px + a11 * py + oy
+    z = a02 * px + a12 * py + oz
     s = np.float32(1) if x >= np.float32(0) else np.float32(-1)
     return x * s, y * s, z * s, s
 
@@ -149,7 +153,8 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, pow
             a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
             row = rows[r]
             for k in range(K):
-                x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k])
+                x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k],
+                                               zero, zero, zero)
                 x = min(x, xmax)
                 y = min(max(y + half, zero), ymax)
                 z = min(max(z + half, zero), ymax)
@@ -175,12 +180,12 @@ def _slices(table, rot, kx, ky, pad, half, xmax, ymax, group, rows, stacked, pow
                 power[row, k] = re * re + im * im
 
 
-def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
+def _insert(data, weight, rot, vre, vim, vw, kx, ky, kz, pad):
     """Scatter of :func:`insert_slices`: data (P, P, 2 (P / 2 + 1)) float64 [re, im]
-    pairs, weight (P, P, P / 2 + 1) float64; the stencil of
-    :func:`mpirefine.fourier.project.trilinear_stencil`.  As in :func:`_slices`, the
-    corners and fractions of a rotation's frequencies come first (vectorised), then
-    the scatter."""
+    pairs, weight (P, P, P / 2 + 1) float64; kz (1 or R, K) heights off the central
+    plane; the stencil of :func:`mpirefine.fourier.project.trilinear_stencil`.  As in
+    :func:`_slices`, the corners and fractions of a rotation's frequencies come first
+    (vectorised), then the scatter."""
     P, nx = weight.shape[0], weight.shape[2]
     half = P // 2
     R, K = rot.shape[0], kx.shape[0]
@@ -193,8 +198,12 @@ def _insert(data, weight, rot, vre, vim, vw, kx, ky, pad):
         a00, a10 = rot[r, 0, 0], rot[r, 1, 0]
         a01, a11 = rot[r, 0, 1], rot[r, 1, 1]
         a02, a12 = rot[r, 0, 2], rot[r, 1, 2]
+        a20, a21, a22 = rot[r, 2, 0] * pad, rot[r, 2, 1] * pad, rot[r, 2, 2] * pad
+        rz = r if kz.shape[0] == R else 0
         for k in range(K):
-            x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k])
+            pz = kz[rz, k]
+            x, y, z, s = _half_space_point(a00, a10, a01, a11, a02, a12, px[k], py[k],
+                                           a20 * pz, a21 * pz, a22 * pz)
             xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
             x0[k], y0[k], z0[k] = np.int64(xf), np.int64(yf) + half, np.int64(zf) + half
             fx[k], fy[k], fz[k], sign[k] = x - xf, y - yf, z - zf, s

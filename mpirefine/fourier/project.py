@@ -67,18 +67,24 @@ def volume_ft(volume, pad: int = 2, gridding: bool = True) -> VolumeFT:
     return VolumeFT(data=data, n=n, pad=pad)
 
 
-def slice_coordinates(rotations, kx, ky, pad: int):
-    """Padded-grid coordinates (qx, qy, qz) of A^T (kx, ky, 0) · pad.
+def slice_coordinates(rotations, kx, ky, pad: int, kz=None):
+    """Padded-grid coordinates (qx, qy, qz) of A^T (kx, ky, kz) · pad.
 
-    rotations: (R, 3, 3) RELION matrices A; kx, ky: (K,) frequencies in cycles per box.
-    Returns three (R, K) float32 arrays.
+    rotations: (R, 3, 3) RELION matrices A; kx, ky: (K,) frequencies in cycles per box;
+    kz: None (the central plane) or (K,) or (R, K) heights off it (a curved Ewald
+    sphere, physics/ewald.py).  Returns three (R, K) float32 arrays.
     """
     xp = array_namespace(rotations, kx)
     A = xp.asarray(rotations, dtype=xp.float32)
     kx = xp.asarray(kx, dtype=xp.float32)[None, :] * pad
     ky = xp.asarray(ky, dtype=xp.float32)[None, :] * pad
-    # (A^T k)_i = A[0, i] kx + A[1, i] ky
-    return tuple(A[:, 0, i, None] * kx + A[:, 1, i, None] * ky for i in range(3))
+    # (A^T k)_i = A[0, i] kx + A[1, i] ky + A[2, i] kz
+    q = tuple(A[:, 0, i, None] * kx + A[:, 1, i, None] * ky for i in range(3))
+    if kz is None:
+        return q
+    kz = xp.asarray(kz, dtype=xp.float32) * pad
+    kz = kz if kz.ndim == 2 else kz[None, :]
+    return tuple(q[i] + A[:, 2, i, None] * kz for i in range(3))
 
 
 def _mirror_to_half_space(qx, qy, qz):
@@ -137,11 +143,13 @@ def prepare_projections(projections):
     return stack_real(projections), power
 
 
-def extract_slices(vft: VolumeFT, rotations, kx, ky):
+def extract_slices(vft: VolumeFT, rotations, kx, ky, kz=None):
     """Central-slice samples of the volume at A^T (kx, ky, 0).
 
     rotations: (R, 3, 3); kx, ky: (K,) cycles per box of the *unpadded* images.
     Returns (R, K) complex64: the Fourier transform of each projection at (kx, ky).
+    kz: (K,) or (R, K) heights off the central plane (cycles per box), for samples
+    on a curved Ewald sphere (physics/ewald.py); these take the array code.
 
     The same operator as :func:`trilinear_stencil` with a gather (the adjoint of
     insertion), written for speed: blocks of about 10⁵ samples stay in cache, and
@@ -151,9 +159,9 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     """
     xp = array_namespace(vft.data)
     stacked = None
-    if compiled.enabled(xp):
+    if kz is None and compiled.enabled(xp):
         stacked, _ = compiled.projection_tables(vft, to_numpy(rotations), to_numpy(kx), to_numpy(ky))
-    elif kernels.enabled(xp):
+    elif kz is None and kernels.enabled(xp):
         stacked, _ = kernels.projection_tables(vft, rotations, kx, ky)
     if stacked is not None:
         K = stacked.shape[1] // 2
@@ -161,11 +169,14 @@ def extract_slices(vft: VolumeFT, rotations, kx, ky):
     rotations = xp.asarray(rotations, dtype=xp.float32)
     kx, ky = xp.asarray(kx, dtype=xp.float32), xp.asarray(ky, dtype=xp.float32)
     blocks = rotation_blocks(rotations.shape[0], kx.shape[0], xp)
+    if kz is not None:
+        kz = xp.asarray(kz, dtype=xp.float32)
     if len(blocks) == 1:
-        return _extract_block(vft, rotations, kx, ky)
+        return _extract_block(vft, rotations, kx, ky, kz)
     out = xp.empty((rotations.shape[0], kx.shape[0]), xp.complex64)
     for blk in blocks:
-        out[blk] = _extract_block(vft, rotations[blk], kx, ky)
+        out[blk] = _extract_block(vft, rotations[blk], kx, ky,
+                                  kz[blk] if kz is not None and kz.ndim == 2 else kz)
     return out
 
 
@@ -199,12 +210,12 @@ def rotation_blocks(n_rotations: int, n_freq: int, xp=None) -> list[slice]:
     return [slice(i, min(n_rotations, i + step)) for i in range(0, max(n_rotations, 1), step)]
 
 
-def _extract_block(vft: VolumeFT, rotations, kx, ky):
+def _extract_block(vft: VolumeFT, rotations, kx, ky, kz=None):
     xp = array_namespace(vft.data)
     table = vft.gather_table()
     P, nx = vft.size, vft.data.shape[2]
     stride_y, stride_z = nx + 2, (P + 4) * (nx + 2)
-    qx, qy, qz, flip = _mirror_to_half_space(*slice_coordinates(rotations, kx, ky, vft.pad))
+    qx, qy, qz, flip = _mirror_to_half_space(*slice_coordinates(rotations, kx, ky, vft.pad, kz))
     # frame coordinates: x from 0, y and z from 1 (the leading zero plane)
     x = xp.clip(qx, 0, nx)
     y = xp.clip(qy + (P // 2 + 1), 0, P + 2)

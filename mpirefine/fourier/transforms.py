@@ -32,6 +32,20 @@ def centered_irfft2(transforms, n: int):
     return xp.fft.fftshift(img, axes=(-2, -1))
 
 
+def centered_fft2(images):
+    """(..., n, n) real or complex → (..., n, n) complex full plane, ky and kx centred."""
+    xp = array_namespace(images)
+    f = xp.fft.fft2(xp.fft.ifftshift(images, axes=(-2, -1)))
+    return xp.fft.fftshift(f, axes=(-2, -1))
+
+
+def centered_ifft2(transforms):
+    """Inverse of :func:`centered_fft2` (a complex image)."""
+    xp = array_namespace(transforms)
+    img = xp.fft.ifft2(xp.fft.ifftshift(transforms, axes=(-2, -1)))
+    return xp.fft.fftshift(img, axes=(-2, -1))
+
+
 def centered_rfft3(volume):
     """(P, P, P) real → (P, P, P // 2 + 1) complex, kz and ky centred."""
     xp = array_namespace(volume)

@@ -69,17 +69,33 @@ def extent_mask(volume, pixel_size_A: float, resolution_A: float, threshold: flo
     from the box centre plus ``near`` × resolution and falls to 0 with a raised cosine
     over a further (far - near) × resolution, and never beyond ``outer_fraction`` of
     half the box.  A volume with no positive core gives that outer sphere."""
-    v = np.asarray(to_numpy(volume), np.float64)
-    n = v.shape[0]
-    r = radial_distance(n, np).astype(np.float64)
-    core = threshold_core(v, threshold)
+    n = volume.shape[0]
     limit = outer_fraction * n / 2.0
-    reach = float(r[core].max()) if core.any() else limit
+    reach = core_reach_px(volume, threshold)
+    reach = limit if reach is None else reach
     inner = min(reach + near * resolution_A / pixel_size_A, limit)
     width = max((far - near) * resolution_A / pixel_size_A, 1.0)
     outer = min(inner + width, limit)
     inner = min(inner, outer - 1.0)
     return soft_sphere(n, inner, outer - inner, np)
+
+
+def core_reach_px(volume, threshold: float) -> float | None:
+    """The distance (voxels) from the box centre of the farthest voxel above
+    ``threshold`` × the maximum of ``volume``; None when no voxel is."""
+    v = np.asarray(to_numpy(volume), np.float64)
+    core = threshold_core(v, threshold)
+    if not core.any():
+        return None
+    return float(radial_distance(v.shape[0], np).astype(np.float64)[core].max())
+
+
+def particle_diameter_A(volume, pixel_size_A: float, threshold: float) -> float:
+    """The particle's diameter (Å) in ``volume`` (a low-passed reference): twice the
+    reach of its core (:func:`core_reach_px`) plus a voxel; the box when no core."""
+    reach = core_reach_px(volume, threshold)
+    n = volume.shape[0]
+    return float(n * pixel_size_A if reach is None else min(2.0 * (reach + 1.0), n) * pixel_size_A)
 
 
 def randomization_draws(n: int) -> int:

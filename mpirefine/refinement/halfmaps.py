@@ -44,14 +44,14 @@ from mpirefine.fourier.transforms import (
 )
 from mpirefine.postprocess.fsc import fsc_curve, fsc_weight
 from mpirefine.postprocess.masks import dynamic_mask_rows, mask_halo_rows
-from mpirefine.refinement.images import ctf_grid, open_images, prepare_images
+from mpirefine.refinement.images import ctf_grid, ewald_sidebands, open_images, prepare_images
 from mpirefine.refinement.references import filter_reference_planes, split_shell
 
 PAD = 2
 
 
 def insert_particles(acc: Accumulator, images_ft, ctf, noise_weight, rotations, shifts_px,
-                     scale, posterior=None) -> None:
+                     scale, posterior=None, ewald=None) -> None:
     """Backproject particles at their poses.
 
     images_ft: (B, n, n//2+1) windowed transforms; ctf: (B, n, n//2+1);
@@ -59,16 +59,31 @@ def insert_particles(acc: Accumulator, images_ft, ctf, noise_weight, rotations, 
     shifts_px (B, M, 2) or (B, 2) (RELION origins in px: the image is shifted by +t);
     scale (B,); posterior (B, M) weights summing to 1 per particle, or None.
     Inserts a·C·X·w/σ² and a²·C²·w/σ² for every (particle, candidate).
+    ewald: the batch's EwaldSidebands (physics/ewald.py) or None; with them each
+    (particle, candidate) inserts its masked side band ḡ·P·a·w/σ² with weight
+    |g|²·a²·w/σ² over the whole plane, on the curved sphere, instead.
     """
     xp = array_namespace(images_ft)
     n = acc.n
-    kx, ky, inside = insertion_frequencies(n, xp)
     B = images_ft.shape[0]
     rot = xp.asarray(rotations, dtype=xp.float32).reshape(B, -1, 3, 3)
     shifts = xp.asarray(shifts_px, dtype=xp.float32).reshape(B, -1, 2)
     M = rot.shape[1]
     post = xp.ones((B, M), xp.float32) if posterior is None else xp.asarray(posterior, xp.float32)
     a = xp.asarray(scale, dtype=xp.float32).reshape(B, 1, 1)
+    if ewald is not None:
+        from mpirefine.physics.ewald import full_plane_even
+
+        nw = full_plane_even(noise_weight, n).reshape(-1)[ewald.index][None]
+        gw = xp.conj(ewald.gain) * nw                                      # ḡ/σ²
+        g2w = (ewald.gain.real ** 2 + ewald.gain.imag ** 2) * nw           # |g|²/σ²
+        for m in range(M):
+            x = phase_shift_2d(images_ft, shifts[:, m], n)
+            p = post[:, m, None]
+            acc.insert(rot[:, m], (a[:, :, 0] * p) * gw * ewald.sideband(x),
+                       (a[:, :, 0] ** 2 * p) * g2w, ewald.kx, ewald.ky, ewald.kz)
+        return
+    kx, ky, inside = insertion_frequencies(n, xp)
     cw = (ctf * noise_weight[None]).reshape(B, -1)[:, inside]          # C/σ²
     c2w = (ctf * ctf * noise_weight[None]).reshape(B, -1)[:, inside]   # C²/σ²
     for m in range(M):
@@ -88,12 +103,14 @@ def rank_share(par, split: np.ndarray, members: np.ndarray | None = None):
         yield half, in_half[par.shard(len(in_half), half)]
 
 
-def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int) -> dict:
+def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int,
+                    ewald=None) -> dict:
     """Each served half's accumulator with this rank's share of the particles inserted
     at the poses, shifts and scales ``ps`` carries (unit noise weights): the sums of
     a reconstruction at known poses.  half → :class:`Accumulator`.  Odd aberrations in
     the optics table (rlnBeamTiltX/Y, rlnOddZernike) are taken out of the images first;
-    even ones (rlnEvenZernike) go into the CTF."""
+    even ones (rlnEvenZernike) go into the CTF.  ewald: an EwaldCorrection
+    (physics/ewald.py) or None."""
     from mpirefine.physics.aberrations import (
         GroupDemodulation,
         GroupEvenPhase,
@@ -117,10 +134,12 @@ def insert_at_poses(par, ps, split: np.ndarray, prep, xp, image_batch_size: int)
                 if demodulate is not None:
                     f, = demodulate(ps.optics_group[idx], f)
                 offset = None if even_phase is None else even_phase(ps.optics_group[idx])
-                insert_particles(acc, f,
-                                 ctf_grid(ps.ctf.subset(idx), prep, xp, grid, offset), noise_weight,
+                params = ps.ctf.subset(idx)
+                sidebands = (None if ewald is None
+                             else ewald_sidebands(ewald, params, prep, xp, grid, offset))
+                insert_particles(acc, f, ctf_grid(params, prep, xp, grid, offset), noise_weight,
                                  ps.rotations[idx], ps.shifts_A[idx] / prep.pixel_size_A,
-                                 ps.scale[idx])
+                                 ps.scale[idx], ewald=sidebands)
             accs[half] = acc
     return accs
 

@@ -131,6 +131,19 @@ def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = No
 
 # ------------------------------------------------------------- onto the reference grid
 
+def ewald_sidebands(correction, params: CTFParams, prep: ImagePrep, xp,
+                    grid: ImageGrid | None = None, gamma_offset=None):
+    """The batch's curved-sphere insertion operands (physics/ewald.py EwaldSidebands)
+    for an EwaldCorrection, with each particle's effective pixel size and, for
+    Fourier-padded particles, their own Nyquist frequency (as :func:`ctf_grid`)."""
+    n = prep.box
+    if grid is None:
+        return correction.sidebands(params, prep.pixel_size_A, n, xp, gamma_offset)
+    padded, resampled = grid.padded_box(), grid.resampled_box()
+    nyquist = np.where(resampled > padded, 0.5 * padded * n / np.maximum(resampled, 1), np.inf)
+    return correction.sidebands(params, grid.effective_pixel_size_A(), n, xp, gamma_offset, nyquist)
+
+
 def fourier_resample(images, size: int):
     """(B, n, n) → (B, size, size) float32: the centred transform cropped or zero-padded
     to size × size, so pixels become n / size times as large (or small).  Pixel values

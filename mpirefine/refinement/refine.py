@@ -36,13 +36,14 @@ from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_particles, read_volume
 from mpirefine.physics.aberrations import input_even_aberrations, input_odd_aberrations
+from mpirefine.physics.ewald import EwaldCorrection
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
 from mpirefine.postprocess.fsc import crossing_shell
 from mpirefine.postprocess.masks import dynamic_mask
 from mpirefine.ranks import shard_bounds
 from mpirefine.refinement import restart
 from mpirefine.refinement.batching import auto_minibatch_size, choose_minibatch, random_split
-from mpirefine.refinement.gsfsc import extent_mask, steering_fsc
+from mpirefine.refinement.gsfsc import extent_mask, particle_diameter_A, steering_fsc
 from mpirefine.refinement.halfmaps import (
     PAD,
     HalfMapReduction,
@@ -56,7 +57,7 @@ from mpirefine.refinement.halfmaps import (
     slab_masks,
     slab_references,
 )
-from mpirefine.refinement.images import ImagePrep, open_images, prepare_images
+from mpirefine.refinement.images import ImagePrep, ewald_sidebands, open_images, prepare_images
 from mpirefine.refinement.references import next_references
 from mpirefine.refinement.state import Convergence, Job, ParticleState
 from mpirefine.search.defocus import search_defocus
@@ -118,6 +119,13 @@ def build_job(cfg: RefineConfig, par, log) -> Job:
               state=ParticleState.empty(len(ps), scale), static_mask=static_mask,
               resolution_A=cfg.initial_lowpass_A, log=log, symmetry=group,
               symmetry_alignment=alignment, extent_mask=extent)
+    if cfg.ewald_correction:
+        diameter = cfg.particle_diameter_A or particle_diameter_A(
+            reference, prep.pixel_size_A, cfg.dynamic_mask_threshold)
+        job.ewald = EwaldCorrection(cfg.ewald_curvature or "negative", diameter)
+        log.info(f"Ewald sphere correction: {job.ewald.curvature} curvature, side bands "
+                 f"separated by a {diameter:.0f} Å disc"
+                 + ("" if cfg.particle_diameter_A else " (the initial volume's extent)"))
     odd = input_odd_aberrations(ps)
     if odd:
         job.set_odd_aberrations(odd)
@@ -298,12 +306,14 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                         params = params.with_defocus_offset(delta)
                         c = job.ctf_grid(idx, params, grid)
                 with timer("backprojection"):
+                    sidebands = None if job.ewald is None else ewald_sidebands(
+                        job.ewald, params, job.prep, xp, grid, job.even_offsets(idx))
                     if plan.marginalize:
                         insert_particles(acc, f_insert, c, weights, res.candidate_rotations,
-                                         res.candidate_shifts_px, scale, res.posterior)
+                                         res.candidate_shifts_px, scale, res.posterior, sidebands)
                     else:
                         insert_particles(acc, f_insert, c, weights, res.rotations, res.shifts_px,
-                                         scale)
+                                         scale, ewald=sidebands)
                     p, k = residual_power_sums(vft, f, c, res.rotations, res.shifts_px, scale)
                     power += p
                     counts += k
@@ -841,6 +851,9 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         "ctf_global": next((h["ctf_global"] for h in reversed(job.history)
                             if h.get("ctf_global")), None),
         "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,
+        # --ewald-correction: the sign and the side-band disc the half maps were built with
+        "ewald": None if job.ewald is None else {"curvature": job.ewald.curvature,
+                                                 "particle_diameter_A": job.ewald.diameter_A},
         "box": n, "pixel_size_A": px,
         "n_ranks": job.par.size,
         "backend": backend_name(job.xp),

@@ -79,6 +79,7 @@ class Job:
     symmetry: np.ndarray | None = None    # (N, 3, 3) point group of the job
     symmetry_alignment: dict | None = None  # how the input volume was turned onto the axes
     extent_mask: np.ndarray | None = None  # GSFSC mask before the dynamic mask (world rank 0)
+    ewald: object = None                   # EwaldCorrection (physics/ewald.py) or None
     steering: object = None               # the latest iteration's GSFSC (refinement/gsfsc.py)
     full_map: np.ndarray | None = None     # the last iteration's map of all particles (rank 0)
     # optics group → (6,) odd Zernike coefficients (beam tilt, trefoil; physics/aberrations.py)

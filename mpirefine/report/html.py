@@ -328,6 +328,10 @@ def _cards(summary: dict, resolution, metrics: dict | None = None) -> str:
              ("wall time", _duration(summary.get("wall_seconds")))]
     if isinstance(summary.get("bfactor_A2"), (int, float)):
         cards.insert(1, ("B-factor", f"{summary['bfactor_A2']:.0f} Å²"))
+    if summary.get("ewald"):
+        ewald = summary["ewald"]
+        cards.append(("Ewald sphere correction",
+                      f"{ewald['curvature']} · {ewald['particle_diameter_A']:.0f} Å disc"))
     metrics = metrics or {}
     if "cfar" in metrics:
         cards.append(("cFAR (orientation)", f"{metrics['cfar']:.2f}"))

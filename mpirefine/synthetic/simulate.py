@@ -71,6 +71,7 @@ class SimulationParams:
     trefoil: tuple[float, float] = (0.0, 0.0)          # Z3⁻³, Z3³ (rad·Å³), likewise
     cs_error_mm: float = 0.0                           # the images' Cs above cs_mm, likewise
     tetrafoil: tuple[float, float] = (0.0, 0.0)        # Z4⁻⁴, Z4⁴ (rad·Å⁴), likewise
+    ewald_curvature: str | None = None                 # None: a flat Ewald sphere
 
     def validate(self, box: int) -> None:
         """Raise InputError naming the first bad parameter."""
@@ -91,6 +92,8 @@ class SimulationParams:
             (self.stack_size >= 1, f"stack size must be >= 1, got {self.stack_size}"),
             (lo * 1e4 >= self.astigmatism_A / 2,
              f"astigmatism {self.astigmatism_A} Å exceeds twice the minimum defocus"),
+            (self.ewald_curvature in (None, "negative", "positive"),
+             f"Ewald curvature must be 'negative' or 'positive', got {self.ewald_curvature!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,14 +143,19 @@ def _draw_truth(p: SimulationParams):
 
 
 def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
-                 odd_zernike=None, even_zernike=None):
+                 odd_zernike=None, even_zernike=None, ewald_curvature=None):
     """Noise-free particles (m, n, n) float32: CTF · projection, shifted by -origin.
 
     rotations: (m, 3, 3) RELION matrices; origins_A: (m, 2); ctf: length m.
     odd_zernike: (6,) odd aberrations (beam tilt, trefoil; physics/aberrations.py) that
     modulate the projections by exp(+i φ), as the microscope does; even_zernike: (9,)
-    even ones (Cs error, tetrafoil) added to the CTF's γ.
+    even ones (Cs error, tetrafoil) added to the CTF's γ.  ewald_curvature: None (a flat
+    sphere: CTF · central slice) or "negative" / "positive": each image samples the
+    volume on the curved Ewald sphere of its voltage (physics/ewald.py).
     """
+    if ewald_curvature is not None:
+        return _curved_images(vft, rotations, origins_A, ctf, pixel_size_A, odd_zernike,
+                              even_zernike, ewald_curvature)
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
     odd = 1.0
@@ -164,6 +172,41 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
                          ky / (n * pixel_size_A), gamma_offset=even)
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
                                  ctf=c * odd)
+    return out
+
+
+def _curved_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
+                   odd_zernike, even_zernike, curvature: str):
+    """clean_images on a curved Ewald sphere."""
+    from mpirefine.fourier.project import extract_slices
+    from mpirefine.fourier.transforms import centered_irfft2, phase_shift_2d
+    from mpirefine.physics.ctf import ctf_gamma
+    from mpirefine.physics.ewald import curvature_sign, curved_transforms
+
+    n = vft.n
+    ky, kx = freq_grid_2d(n, np)
+    kx_A, ky_A = kx / (n * pixel_size_A), ky / (n * pixel_size_A)
+    odd = 1.0
+    if odd_zernike is not None and np.any(odd_zernike):
+        odd = np.exp(1j * odd_phase(odd_zernike, kx_A, ky_A))
+    even = 0.0
+    if even_zernike is not None and np.any(even_zernike):
+        even = even_phase(even_zernike, kx_A, ky_A)[None]
+    batch = max(1, _SAMPLES_PER_BATCH // (2 * n * (n // 2 + 1)))
+    out = np.empty((len(rotations), n, n), dtype=np.float32)
+    k2 = (kx_A ** 2 + ky_A ** 2)[None]
+    for s in range(0, len(rotations), batch):
+        sl = slice(s, s + batch)
+        sub = ctf.subset(np.arange(len(rotations))[sl])
+        lam = float(electron_wavelength_A(sub.voltage_kV[0]))
+        if np.any(sub.voltage_kV != sub.voltage_kV[0]):
+            raise InputError("curved-sphere simulation needs one voltage for all particles")
+        envelope = np.exp(-sub.bfactor_A2[:, None, None] * k2 / 4.0) * sub.scale[:, None, None]
+        f = curved_transforms(lambda r, a, b, c: extract_slices(vft, r, a, b, c), rotations[sl],
+                              n, pixel_size_A, lam, ctf_gamma(sub, kx_A, ky_A) + even, envelope,
+                              curvature_sign(curvature))
+        f = phase_shift_2d(f * odd, -origins_A[sl] / pixel_size_A, n)
+        out[sl] = centered_irfft2(f, n).astype(np.float32)
     return out
 
 
@@ -199,12 +242,14 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                      stack_size: int = 1000, overwrite: bool = False,
                      source: str | None = None, beam_tilt_mrad=(0.0, 0.0),
                      trefoil=(0.0, 0.0), cs_error_mm: float = 0.0,
-                     tetrafoil=(0.0, 0.0)) -> SimulationResult:
+                     tetrafoil=(0.0, 0.0), ewald_curvature: str | None = None) -> SimulationResult:
     """Simulate ``n_particles`` images of ``volume`` (n, n, n) [z, y, x] at ``pixel_size_A``.
 
     snr: signal variance / noise variance over the box (math.inf: no noise).
     defocus_range_um: (min, max) mean defocus, µm, uniform; astigmatism_A: the largest
     |DfU - DfV| (Å), uniform, at a uniform random angle; shift_sigma_A: origin spread (Å).
+    ewald_curvature: None (flat) or "negative" / "positive", images on the curved Ewald
+    sphere (physics/ewald.py).
     The same seed gives the same files.  Memory holds one stack (``stack_size`` images)
     at a time.  ``overwrite`` False refuses a non-empty ``out_dir``; ``source`` is a
     note for simulation.json (where the volume came from).
@@ -218,7 +263,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                          float(shift_sigma_A), float(voltage_kV), float(cs_mm),
                          float(amplitude_contrast), float(bfactor_A2), int(seed), int(stack_size),
                          tuple(float(v) for v in beam_tilt_mrad), tuple(float(v) for v in trefoil),
-                         float(cs_error_mm), tuple(float(v) for v in tetrafoil))
+                         float(cs_error_mm), tuple(float(v) for v in tetrafoil), ewald_curvature)
     p.validate(box)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -242,7 +287,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
         for k, s in enumerate(starts):
             idx = np.arange(s, min(s + p.stack_size, n))
             images = clean_images(vft, rotations[idx], origins[idx], ctf.subset(idx),
-                                  p.pixel_size_A, odd, even)
+                                  p.pixel_size_A, odd, even, p.ewald_curvature)
             signal_var_sum += float(images.var(axis=(1, 2), dtype=np.float64).sum())
             if noisy:
                 np.save(os.path.join(tmp, f"{k}.npy"), images)
