@@ -221,10 +221,12 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
         zernike_to_spherical,
         zernike_to_tilt,
     )
+    from mpirefine.physics.anisomag import input_mag_matrices
     from mpirefine.physics.ctf import electron_wavelength_A
 
     odd = input_odd_aberrations(ps)
     even = input_even_aberrations(ps)
+    mags = input_mag_matrices(ps)
     groups = []
     for g in ps.groups():
         rows = g["rows"]
@@ -251,6 +253,11 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
                     c[SPHERICAL_TERM], float(electron_wavelength_A(group["voltage_kV"])))),
                 "tetrafoil": [float(c[t]) for t in TETRAFOIL_TERMS],
                 "even_zernike": [float(v) for v in c]}
+        if g["group"] in mags:         # rlnMagMatrix: images undistorted as they are read
+            m = mags[g["group"]]
+            stretch = np.linalg.svd(m, compute_uv=False)
+            group["mag_matrix"] = {"matrix": m.tolist(),
+                                   "anisotropy_percent": float(100 * (stretch[0] / stretch[1] - 1))}
         groups.append(group)
     u, v = per_particle(ctf.defocus_u_A), per_particle(ctf.defocus_v_A)
     split = {"present": bool(np.any(ps.split >= 0)), "half_A": int(np.sum(ps.split == 0)),
@@ -332,6 +339,12 @@ def format_particles(info: dict) -> str:
             rows.append(("", f"  even aberrations: Cs change {e['delta_cs_mm']:+.3f} mm, tetrafoil "
                              f"({e['tetrafoil'][0]:+.1f}, {e['tetrafoil'][1]:+.1f}) rad·Å⁴ "
                              "(rlnEvenZernike, applied to the CTF by refine and reconstruct)"))
+        if "mag_matrix" in g:
+            m = g["mag_matrix"]
+            matrix = ", ".join(f"{v:.4f}" for row in m["matrix"] for v in row)
+            rows.append(("", f"  magnification matrix ({matrix}), "
+                             f"anisotropy {m['anisotropy_percent']:.2f} % (rlnMagMatrix, "
+                             "applied to the images by refine and reconstruct)"))
     rows += [("defocus U", _fmt_spread(ctf["defocus_u_um"], 3, " µm")),
              ("defocus V", _fmt_spread(ctf["defocus_v_um"], 3, " µm")),
              ("astigmatism", _fmt_spread(ctf["astigmatism_um"], 3, " µm") + "  |U − V|"),

@@ -98,6 +98,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                      help="project onto the curved Ewald sphere of --voltage-kV with this "
                           "curvature sign (refine and reconstruct --ewald-curvature) "
                           "[off: a flat sphere]")
+    sim.add_argument("--mag-matrix", type=float, nargs=4, default=(1.0, 0.0, 0.0, 1.0),
+                     metavar=("M00", "M01", "M10", "M11"),
+                     help="anisotropic magnification of the microscope, RELION's "
+                          "rlnMagMatrix_00..11: in the images and particles_true.star only "
+                          "(which reconstruct and refine apply) [1 0 0 1]")
     sim.add_argument("--stack-size", type=int, default=1000, metavar="N",
                      help="images per .mrcs stack, also the batch held in memory "
                      "(default: %(default)s)")
@@ -185,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, stack_size=args.stack_size, overwrite=True, source=what,
         beam_tilt_mrad=tuple(args.beam_tilt), trefoil=tuple(args.trefoil),
         cs_error_mm=args.cs_error, tetrafoil=tuple(args.tetrafoil),
-        ewald_curvature=args.ewald_curvature)
+        ewald_curvature=args.ewald_curvature, mag_matrix=tuple(args.mag_matrix))
     noise = ("no noise" if not math.isfinite(args.snr)
              else f"SNR {args.snr:g}, noise sigma {result.noise_sigma:.4g}")
     print(f"simulated {args.n_particles} particles of {what}\n"

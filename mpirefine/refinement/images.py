@@ -214,10 +214,14 @@ def open_images(ps: ParticleSet):
     """Where a job's images come from: an :class:`ImageSource` over ``ps``, or, when
     its optics groups have more than one box, a :class:`MixedBoxImages` that yields
     each batch from one box (``prepare_images`` then brings them onto the reference
-    grid).  Both are context managers with ``batches(indices, size)``."""
-    if np.all(ps.image_box == ps.box):
-        return ImageSource(ps)
-    return MixedBoxImages(ps)
+    grid).  Both are context managers with ``batches(indices, size)``.  Optics groups
+    with an anisotropic magnification (rlnMagMatrix) have their images undistorted as
+    they are read (physics/anisomag.py)."""
+    from mpirefine.physics.anisomag import Undistorted, input_mag_matrices
+
+    source = ImageSource(ps) if np.all(ps.image_box == ps.box) else MixedBoxImages(ps)
+    matrices = input_mag_matrices(ps)
+    return Undistorted(source, ps.optics_group, matrices) if matrices else source
 
 
 class MixedBoxImages:

@@ -30,8 +30,8 @@ from scipy.spatial.transform import Rotation
 from mpirefine import __version__
 from mpirefine.errors import InputError
 from mpirefine.fourier.filters import lowpass
-from mpirefine.fourier.project import project_images, volume_ft
-from mpirefine.fourier.transforms import freq_grid_2d
+from mpirefine.fourier.project import extract_slices, project_images, volume_ft
+from mpirefine.fourier.transforms import centered_irfft2, freq_grid_2d, phase_shift_2d
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.mrc import write_mrc, write_stack
 from mpirefine.io.star import write_relion_star
@@ -72,6 +72,7 @@ class SimulationParams:
     cs_error_mm: float = 0.0                           # the images' Cs above cs_mm, likewise
     tetrafoil: tuple[float, float] = (0.0, 0.0)        # Z4⁻⁴, Z4⁴ (rad·Å⁴), likewise
     ewald_curvature: str | None = None                 # None: a flat Ewald sphere
+    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)   # rlnMagMatrix_00..11
 
     def validate(self, box: int) -> None:
         """Raise InputError naming the first bad parameter."""
@@ -94,6 +95,10 @@ class SimulationParams:
              f"astigmatism {self.astigmatism_A} Å exceeds twice the minimum defocus"),
             (self.ewald_curvature in (None, "negative", "positive"),
              f"Ewald curvature must be 'negative' or 'positive', got {self.ewald_curvature!r}"),
+            (0.5 < abs(np.linalg.det(np.reshape(self.mag_matrix, (2, 2)))) < 2,
+             f"the magnification matrix {self.mag_matrix} is not a small distortion"),
+            (self.ewald_curvature is None or self.mag_matrix == (1.0, 0.0, 0.0, 1.0),
+             "curved-sphere images with an anisotropic magnification are not simulated yet"),
         ]
         for ok, message in checks:
             if not ok:
@@ -143,7 +148,7 @@ def _draw_truth(p: SimulationParams):
 
 
 def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
-                 odd_zernike=None, even_zernike=None, ewald_curvature=None):
+                 odd_zernike=None, even_zernike=None, ewald_curvature=None, mag_matrix=None):
     """Noise-free particles (m, n, n) float32: CTF · projection, shifted by -origin.
 
     rotations: (m, 3, 3) RELION matrices; origins_A: (m, 2); ctf: length m.
@@ -151,13 +156,20 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
     modulate the projections by exp(+i φ), as the microscope does; even_zernike: (9,)
     even ones (Cs error, tetrafoil) added to the CTF's γ.  ewald_curvature: None (a flat
     sphere: CTF · central slice) or "negative" / "positive": each image samples the
-    volume on the curved Ewald sphere of its voltage (physics/ewald.py).
+    volume on the curved Ewald sphere of its voltage (physics/ewald.py).  mag_matrix:
+    (2, 2) RELION's rlnMagMatrix, or None: the image at frequency k holds the projection
+    and CTF (aberrations included) at M k (physics/anisomag.py).
     """
     if ewald_curvature is not None:
         return _curved_images(vft, rotations, origins_A, ctf, pixel_size_A, odd_zernike,
                               even_zernike, ewald_curvature)
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
+    magnified = mag_matrix is not None and not np.allclose(mag_matrix, np.eye(2))
+    if magnified:
+        from mpirefine.physics.anisomag import observed_frequencies
+
+        kx, ky = observed_frequencies(kx, ky, mag_matrix)
     odd = 1.0
     if odd_zernike is not None and np.any(odd_zernike):
         odd = np.exp(1j * odd_phase(odd_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A)))
@@ -170,6 +182,11 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
         sl = slice(s, s + batch)
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx / (n * pixel_size_A),
                          ky / (n * pixel_size_A), gamma_offset=even)
+        if magnified:
+            f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, n, n // 2 + 1)
+            f = phase_shift_2d(f * c * odd, -origins_A[sl] / pixel_size_A, n)
+            out[sl] = centered_irfft2(f, n).astype(np.float32)
+            continue
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
                                  ctf=c * odd)
     return out
@@ -178,8 +195,6 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
 def _curved_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
                    odd_zernike, even_zernike, curvature: str):
     """clean_images on a curved Ewald sphere."""
-    from mpirefine.fourier.project import extract_slices
-    from mpirefine.fourier.transforms import centered_irfft2, phase_shift_2d
     from mpirefine.physics.ctf import ctf_gamma
     from mpirefine.physics.ewald import curvature_sign, curved_transforms
 
@@ -242,14 +257,16 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                      stack_size: int = 1000, overwrite: bool = False,
                      source: str | None = None, beam_tilt_mrad=(0.0, 0.0),
                      trefoil=(0.0, 0.0), cs_error_mm: float = 0.0,
-                     tetrafoil=(0.0, 0.0), ewald_curvature: str | None = None) -> SimulationResult:
+                     tetrafoil=(0.0, 0.0), ewald_curvature: str | None = None,
+                     mag_matrix=(1.0, 0.0, 0.0, 1.0)) -> SimulationResult:
     """Simulate ``n_particles`` images of ``volume`` (n, n, n) [z, y, x] at ``pixel_size_A``.
 
     snr: signal variance / noise variance over the box (math.inf: no noise).
     defocus_range_um: (min, max) mean defocus, µm, uniform; astigmatism_A: the largest
     |DfU - DfV| (Å), uniform, at a uniform random angle; shift_sigma_A: origin spread (Å).
     ewald_curvature: None (flat) or "negative" / "positive", images on the curved Ewald
-    sphere (physics/ewald.py).
+    sphere (physics/ewald.py).  mag_matrix: RELION's rlnMagMatrix_00, _01, _10, _11 of
+    the microscope (physics/anisomag.py), written to particles_true.star only.
     The same seed gives the same files.  Memory holds one stack (``stack_size`` images)
     at a time.  ``overwrite`` False refuses a non-empty ``out_dir``; ``source`` is a
     note for simulation.json (where the volume came from).
@@ -263,7 +280,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                          float(shift_sigma_A), float(voltage_kV), float(cs_mm),
                          float(amplitude_contrast), float(bfactor_A2), int(seed), int(stack_size),
                          tuple(float(v) for v in beam_tilt_mrad), tuple(float(v) for v in trefoil),
-                         float(cs_error_mm), tuple(float(v) for v in tetrafoil), ewald_curvature)
+                         float(cs_error_mm), tuple(float(v) for v in tetrafoil), ewald_curvature,
+                         tuple(float(v) for v in mag_matrix))
     p.validate(box)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -287,7 +305,8 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
         for k, s in enumerate(starts):
             idx = np.arange(s, min(s + p.stack_size, n))
             images = clean_images(vft, rotations[idx], origins[idx], ctf.subset(idx),
-                                  p.pixel_size_A, odd, even, p.ewald_curvature)
+                                  p.pixel_size_A, odd, even, p.ewald_curvature,
+                                  np.reshape(p.mag_matrix, (2, 2)))
             signal_var_sum += float(images.var(axis=(1, 2), dtype=np.float64).sum())
             if noisy:
                 np.save(os.path.join(tmp, f"{k}.npy"), images)
@@ -322,6 +341,9 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
                                                                   p.trefoil[1]]))
     if np.any(even):
         true_optics = true_optics.assign(rlnEvenZernike=format_zernike(even))
+    if p.mag_matrix != (1.0, 0.0, 0.0, 1.0):
+        true_optics = true_optics.assign(**{f"rlnMagMatrix_{ij}": v for ij, v in
+                                            zip(("00", "01", "10", "11"), p.mag_matrix)})
     write_relion_star(star_true, true_optics, truth)
 
     truth_mrc = os.path.join(out_dir, "truth.mrc")
