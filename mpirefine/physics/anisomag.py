@@ -109,3 +109,70 @@ class Undistorted:
 
     def __exit__(self, *exc) -> None:
         self.source.__exit__(*exc)
+
+
+# ------------------------------------------------------------------ the fit
+#
+# relion_ctf_refine --fit_aniso's formulation (MagnificationHelper): an image whose
+# remaining distortion is D = I + G (its true frequencies are D k) is, to first order,
+# X(k) ≈ P(k) + ∇P(k) · G k, with P = CTF · (scaled projection) at the particle's pose
+# and ∇ the gradient in frequency.  Per frequency pixel, over a group's particles,
+#     A = Σ Re(∇P ∇Pᴴ) (2 × 2),   b = Σ Re(conj(∇P) (X − P)) (2),
+# and G minimises Σ_k ω(k) [(G k)ᵀ A (G k) − 2 bᵀ G k]: with g = (G00, G01, G10, G11)
+# and K(k) = [[kx, ky, 0, 0], [0, 0, kx, ky]], (Σ ω Kᵀ A K) g = Σ ω Kᵀ b (RELION first
+# solves each pixel's displacement A⁻¹ b and fits G to that field; the normal
+# equations here weight each pixel by its A instead).  The group's new matrix is D M.
+
+
+def magnification_sums(vft, images_ft, ctf_params, rotations, shifts_px, scale, pixel_size_A,
+                       gamma_offset=None, step: float = 0.05):
+    """Per-pixel sums (A (n, n//2+1, 2, 2), b (n, n//2+1, 2)) of a batch of particles
+    (images_ft: (B, n, n//2+1) undistorted transforms) at their poses against ``vft``.
+    Frequencies in cycles per box; the CTF's gradient by central differences of
+    ``step`` cycles per box, the projection's exactly (the transform of -2πi x s(x)/n)."""
+    from mpirefine.backend import array_namespace
+    from mpirefine.fourier.project import project_transforms
+    from mpirefine.fourier.transforms import centered_irfft2, centered_rfft2, freq_grid_2d, phase_shift_2d
+    from mpirefine.physics.ctf import evaluate_ctf
+
+    xp = array_namespace(images_ft)
+    n = images_ft.shape[-2]
+    ky, kx = freq_grid_2d(n, xp)
+    to_A = 1.0 / (n * pixel_size_A)
+    s = project_transforms(vft, rotations) * xp.asarray(scale, xp.float32).reshape(-1, 1, 1)
+    image = centered_irfft2(s, n)
+    x = xp.arange(n, dtype=xp.float32) - n // 2
+    dsx = centered_rfft2(image * x[None, None, :]) * (-2j * np.pi / n)
+    dsy = centered_rfft2(image * x[None, :, None]) * (-2j * np.pi / n)
+
+    def ctf_at(dx, dy):
+        return evaluate_ctf(ctf_params, (kx + dx) * to_A, (ky + dy) * to_A, gamma_offset=gamma_offset)
+
+    ctf = ctf_at(0.0, 0.0)
+    dcx = (ctf_at(step, 0.0) - ctf_at(-step, 0.0)) / (2 * step)
+    dcy = (ctf_at(0.0, step) - ctf_at(0.0, -step)) / (2 * step)
+    p = ctf * s
+    grad = (dcx * s + ctf * dsx, dcy * s + ctf * dsy)
+    r = phase_shift_2d(images_ft, shifts_px, n) - p
+    A = xp.empty((n, n // 2 + 1, 2, 2), xp.float64)
+    b = xp.empty((n, n // 2 + 1, 2), xp.float64)
+    for i in range(2):
+        b[..., i] = (xp.conj(grad[i]) * r).real.sum(axis=0)
+        for j in range(2):
+            A[..., i, j] = (grad[i] * xp.conj(grad[j])).real.sum(axis=0)
+    return A, b
+
+
+def fit_magnification(A, b, kx, ky, weight) -> np.ndarray:
+    """D = I + G (2 × 2) from the per-pixel sums (module notes); kx, ky: (n, n//2+1)
+    frequencies in cycles per box; weight: (n, n//2+1) ω (0 outside the fitted band)."""
+    A, b = np.asarray(A, float), np.asarray(b, float)
+    w = np.asarray(weight, float)
+    K = np.zeros(kx.shape + (2, 4))
+    K[..., 0, 0], K[..., 0, 1] = kx, ky
+    K[..., 1, 2], K[..., 1, 3] = kx, ky
+    KtA = np.einsum("...ji,...jk->...ik", K, A)
+    lhs = np.einsum("...,...ij,...jk->ik", w, KtA, K)
+    rhs = np.einsum("...,...ji,...j->i", w, K, b)
+    g = np.linalg.solve(lhs, rhs)
+    return np.eye(2) + g.reshape(2, 2)
