@@ -67,8 +67,8 @@ class RefineConfig:
     optimize_ctf_global: bool = False
     ctf_fit_tilt: bool = True                   # --optimize-ctf-global: beam tilt
     ctf_fit_trefoil: bool = True                # ... and trefoil (CryoSPARC v4's defaults)
-    ctf_fit_spherical: bool = False             # not supported yet
-    ctf_fit_tetrafoil: bool = False             # not supported yet
+    ctf_fit_spherical: bool = False             # ... a Cs error, fitted once converged
+    ctf_fit_tetrafoil: bool = False             # ... tetrafoil, likewise
     ctf_fit_anisomag: bool = False              # not supported yet
     ctf_min_resolution_A: float = 10.0          # lowest frequency the global CTF fit uses
     ctf_start_resolution_A: float = 8.0         # fit once the GSFSC is finer than this
@@ -157,14 +157,11 @@ class RefineConfig:
                             f"{self.symmetry_relaxation} is not supported yet (relaxation by "
                             "marginalization already weights the symmetry-related poses)")
         if self.optimize_ctf_global:
-            for flag, name in (("ctf_fit_spherical", "--fit-spherical-aberration"),
-                               ("ctf_fit_tetrafoil", "--fit-tetrafoil"),
-                               ("ctf_fit_anisomag", "--fit-anisomag")):
-                if getattr(self, flag):
-                    problems.append(f"{name}: only beam tilt and trefoil (--fit-tilt, "
-                                    "--fit-trefoil) are fitted so far; this term is not "
-                                    "supported yet")
-            if not (self.ctf_fit_tilt or self.ctf_fit_trefoil):
+            if self.ctf_fit_anisomag:
+                problems.append("--fit-anisomag: fitting anisotropic magnification is not "
+                                "supported yet (an input's rlnMagMatrix is applied)")
+            if not (self.ctf_fit_tilt or self.ctf_fit_trefoil or self.ctf_fit_spherical
+                    or self.ctf_fit_tetrafoil):
                 problems.append("--optimize-ctf-global with --no-fit-tilt and --no-fit-trefoil "
                                 "fits nothing: turn one on")
         return problems

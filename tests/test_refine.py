@@ -109,7 +109,6 @@ def test_help_lists_every_common_parameter_with_default():
 
 @pytest.mark.parametrize("flag", [["--symmetry", "C4", "--symmetry-relaxation", "maximization",
                                    "--adaptive-marginalization"],
-                                  ["--optimize-ctf-global", "--fit-spherical-aberration"],
                                   ["--optimize-ctf-global", "--fit-anisomag"]])
 def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, flag):
     out = tmp_path / "r"

@@ -121,9 +121,11 @@ def add_args(parser):
     g.add_argument("--fit-trefoil", dest="ctf_fit_trefoil", action=B, default=True,
                    help="with --optimize-ctf-global: fit trefoil (rlnOddZernike) [on]")
     g.add_argument("--fit-spherical-aberration", dest="ctf_fit_spherical", action=B,
-                   default=False, help="fit a Cs error (not supported yet) [off]")
+                   default=False,
+                   help="with --optimize-ctf-global: fit a Cs error (rlnEvenZernike), once, "
+                        "when the refinement has converged, then go on with it [off]")
     g.add_argument("--fit-tetrafoil", dest="ctf_fit_tetrafoil", action=B, default=False,
-                   help="fit tetrafoil (not supported yet) [off]")
+                   help="with --optimize-ctf-global: fit tetrafoil (rlnEvenZernike), likewise [off]")
     g.add_argument("--fit-anisomag", dest="ctf_fit_anisomag", action=B, default=False,
                    help="fit anisotropic magnification (not supported yet) [off]")
     g.add_argument("--ctf-min-resolution", dest="ctf_min_resolution_A", type=float,

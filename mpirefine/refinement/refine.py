@@ -255,8 +255,11 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
     weights = job.noise.pixel_weights(n, xp)
     defocus = job.refines_defocus()
     # --optimize-ctf-global: per optics group, Σ c conj(aP) X and Σ c² |aP|² per pixel
-    job.odd_sums = {} if job.refines_ctf_global() else None
+    job.odd_sums = {} if job.fits_odd() else None
+    # --fit-spherical-aberration / --fit-tetrafoil: once, on the pass after convergence
+    job.even_sums = {} if job.even_pending else None
     fit_refs = job.opposite_references() if job.odd_sums is not None else None
+    even_refs = job.opposite_half_maps() if job.even_sums is not None else None
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
@@ -274,6 +277,7 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
             lattice = lattice_offsets(cfg.seed, iteration, half, plan.params.coarse_shift_step_px)
             shared = search_reference(vft, plan, lattice, job.symmetry, cfg.symmetry_relaxation)
             fit_vft = volume_ft(fit_refs[half], pad=PAD) if fit_refs is not None else None
+            even_vft = volume_ft(even_refs[half], pad=PAD) if even_refs is not None else None
             batches = source.batches(mine, cfg.image_batch_size)
             while True:
                 with timer("reading"):  # waiting for images, which are read one batch ahead
@@ -320,6 +324,9 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                 if job.odd_sums is not None:
                     with timer("ctf_global"):
                         add_odd_sums(job, fit_vft, idx, plain, c, res, scale)
+                if job.even_sums is not None:
+                    with timer("ctf_global"):
+                        add_even_sums(job, even_vft, idx, f_insert, params, res, scale)
                 results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood, change))
             accs[half] = acc
             if on_accumulator is not None:
@@ -374,6 +381,120 @@ def add_odd_sums(job: Job, vft, idx, raw, c, res, scale) -> None:
                                     res.shifts_px[rows], np.asarray(scale)[rows])
         old = job.odd_sums.get(int(g))
         job.odd_sums[int(g)] = (xy, w) if old is None else (old[0] + xy, old[1] + w)
+
+
+def add_even_sums(job: Job, vft, idx, images, params, res, scale) -> None:
+    """Add a batch to each optics group's even-aberration sums: the images demodulated of
+    the odd terms and unwindowed, against the other half's reference, with the CTF's
+    low-order phase alone (the fit gives the group's whole even phase)."""
+    from mpirefine.physics.aberrations import even_aberration_sums, frequency_grid_A
+    from mpirefine.physics.ctf import ctf_gamma
+
+    kx_A, ky_A = frequency_grid_A(job.prep.box, job.prep.pixel_size_A, job.xp)
+    groups = np.asarray(job.particles.optics_group)[idx]
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        on = job.xp.asarray(rows)
+        sums = even_aberration_sums(vft, images[on], ctf_gamma(params.subset(rows), kx_A, ky_A),
+                                    res.rotations[rows], res.shifts_px[rows],
+                                    np.asarray(scale)[rows])
+        old = job.even_sums.get(int(g))
+        job.even_sums[int(g)] = sums if old is None else tuple(a + b for a, b in zip(old, sums))
+
+
+def fit_even_global(job: Job, iteration: int) -> dict | None:
+    """--fit-spherical-aberration / --fit-tetrafoil after the pass that collected the
+    sums: every rank's sums summed, each optics group's even Zernike terms fitted on world
+    rank 0 (physics/aberrations.py fit_even_aberrations, with the half maps' FSC for the
+    noise correction; same band and weights as the odd fit) and applied on every rank
+    from the next iteration on.  Collective; returns {group: fit} for the history."""
+    from mpirefine.fourier.transforms import freq_grid_2d
+    from mpirefine.physics.aberrations import fit_even_aberrations
+    from mpirefine.physics.ctf import electron_wavelength_A
+
+    if job.even_sums is None:
+        return None
+    par, n = job.par, job.prep.box
+    groups = sorted({int(g) for g in np.unique(job.particles.optics_group)})
+    packed = np.zeros((len(groups), 9, n, n // 2 + 1))
+    for k, g in enumerate(groups):
+        if g in job.even_sums:
+            packed[k] = np.stack([to_numpy(a) for a in job.even_sums[g]])
+    packed = par.allreduce_obj(packed)
+    job.even_sums, job.even_pending = None, False
+    fits = None
+    if par.is_root:
+        from mpirefine.postprocess.fsc import fsc_curve
+
+        ky, kx = freq_grid_2d(n, np)
+        kx_A, ky_A = kx / (n * job.prep.pixel_size_A), ky / (n * job.prep.pixel_size_A)
+        # the FSC of the unmasked half maps the sums compared the images with
+        fsc = np.asarray(fsc_curve(*(to_numpy(job.half_maps[h]) for h in (0, 1))), float)
+        shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
+        pixel_fsc = np.clip(fsc[shell], 0.0, 1.0)
+        weight = np.where(pixel_fsc >= 0.143, pixel_fsc, 0.0)
+        k = np.hypot(kx_A, ky_A)
+        weight *= (k >= 1.0 / job.cfg.ctf_min_resolution_A) & (k <= 1.0 / job.resolution_A)
+        fits = {}
+        for j, g in enumerate(groups):
+            rows = np.flatnonzero(job.particles.optics_group == g)
+            voltage = float(job.particles.ctf.subset(rows[:1]).voltage_kV[0])
+            fit = fit_even_aberrations(packed[j], kx_A, ky_A, weight,
+                                       float(electron_wavelength_A(voltage)),
+                                       job.cfg.ctf_fit_spherical, job.cfg.ctf_fit_tetrafoil,
+                                       reference_fsc=pixel_fsc)
+            spread = even_phase_spread(fit.coefficients, kx_A, ky_A, weight)
+            if spread > EVEN_MAX_PHASE_SPREAD:
+                job.log.warning(f"iteration {iteration:3d}  optics group {g}: even fit rejected "
+                                f"(its phase spans {spread:.1f} rad over the fitted band: the "
+                                "data do not pin it); the CTF stays as it was")
+                fit = dataclasses.replace(fit, pixels=0)
+            else:
+                job.log.info(f"iteration {iteration:3d}  optics group {g}: Cs change "
+                             f"{fit.delta_cs_mm:+.3f} mm, tetrafoil ({fit.tetrafoil[0]:+.1f}, "
+                             f"{fit.tetrafoil[1]:+.1f}) rad·Å⁴ from {fit.pixels} pixels "
+                             "(terms within 3 standard errors of 0 are dropped)")
+            fits[g] = fit
+    fits = par.bcast_obj(fits, root=0)
+    kept = {g: f.coefficients for g, f in fits.items() if f.pixels}
+    job.set_even_aberrations({**job.even_aberrations, **kept})
+    return {str(g): f.as_dict() for g, f in fits.items()}
+
+
+#: the even fit needs the refinement this fine: a Cs error of 0.4 mm moves the CTF's
+#: phase by 0.3 rad at 3.5 Å but 0.08 rad at 5 Å, and a fit over a narrower band is
+#: degenerate with defocus (measured at 7.7 Å: a "Cs change" of −424 mm)
+EVEN_FIT_RESOLUTION_A = 4.0
+#: a fitted even phase that spans more than this (rad) over the band is rejected
+EVEN_MAX_PHASE_SPREAD = 3.0
+
+
+def even_phase_spread(coefficients, kx_A, ky_A, weight) -> float:
+    """max − min of the even phase Σ cⱼ Zⱼ(k) over the pixels with weight > 0."""
+    from mpirefine.physics.aberrations import even_phase
+
+    use = np.asarray(weight) > 0
+    if not use.any():
+        return 0.0
+    phase = even_phase(np.asarray(coefficients, float), kx_A[use], ky_A[use])
+    return float(np.ptp(phase))
+
+
+def with_even_aberrations(ps, coefficients: dict):
+    """The particle set with its optics table's rlnEvenZernike set to the fitted terms."""
+    from mpirefine.physics.aberrations import format_zernike
+
+    if ps._star_optics is None:
+        return ps
+    optics = ps._star_optics.copy()
+    if "rlnEvenZernike" not in optics.columns:
+        optics["rlnEvenZernike"] = format_zernike(np.zeros(9))
+    optics["rlnEvenZernike"] = optics["rlnEvenZernike"].astype(object)
+    for i, row in optics.iterrows():
+        g = int(row["rlnOpticsGroup"])
+        if g in coefficients:
+            optics.at[i, "rlnEvenZernike"] = format_zernike(coefficients[g])
+    return dataclasses.replace(ps, _star_optics=optics)
 
 
 def fit_ctf_global(job: Job, iteration: int) -> dict | None:
@@ -449,10 +570,11 @@ CTF_SETTLED_TREFOIL = 0.05     # relative trefoil change
 
 
 def ctf_global_settled(job: Job) -> bool:
-    """True unless --optimize-ctf-global is on and its fits have not settled: none yet
-    while the start resolution is reached, or the last two differ by more than 0.05 mrad
-    of beam tilt or 5 % of trefoil in some optics group."""
-    if not job.cfg.optimize_ctf_global:
+    """True unless --optimize-ctf-global fits beam tilt or trefoil and its fits have not
+    settled: none yet while the start resolution is reached, or the last two differ by
+    more than 0.05 mrad of beam tilt or 5 % of trefoil in some optics group."""
+    cfg = job.cfg
+    if not (cfg.optimize_ctf_global and (cfg.ctf_fit_tilt or cfg.ctf_fit_trefoil)):
         return True
     fits = [h["ctf_global"] for h in job.history if h.get("ctf_global")]
     if not fits:
@@ -640,18 +762,33 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
             job.noise = model_from_sums(noise_sums[:len(power)], noise_sums[len(power):],
                                         constant=False)
             ctf_global = fit_ctf_global(job, iteration)
+            ctf_even = fit_even_global(job, iteration)
             res = job.resolution_A
             seconds = time.time() - t0
             job.history.append({"iteration": iteration, "batch_size": int(len(minibatch)),
                                 "full_pass": full, "resolution_A": res, "seconds": seconds,
                                 "alignment_resolution_A": job.alignment_resolution_A(),
                                 **job.steering.record(),
-                                **({"ctf_global": ctf_global} if ctf_global else {})})
+                                **({"ctf_global": ctf_global} if ctf_global else {}),
+                                **({"ctf_even": ctf_even} if ctf_even else {})})
             stop = rule.update(res, full)
             if stop and not ctf_global_settled(job):
                 # the fitted aberrations still move: the refinement is not over (as
                 # CryoSPARC, which refines CTF once the poses have converged, then goes on)
                 rule.converged, rule.remaining, stop = False, 0, False
+            if ctf_even:
+                # the map of the pass that fitted them did not use them yet
+                rule.converged, rule.remaining, stop = False, 0, False
+            elif stop and job.wants_even_fit() and res <= min(EVEN_FIT_RESOLUTION_A,
+                                                              cfg.ctf_start_resolution_A):
+                # converged: one more full pass collects the even terms' sums (fitted once
+                # the poses have settled, as relion_ctf_refine follows a refinement)
+                job.even_pending = True
+                rule.converged, rule.remaining, stop = False, 0, False
+            elif stop and job.wants_even_fit():
+                log.warning(f"no even-aberration fit: the refinement converged at {res:.2f} Å, "
+                            f"coarser than the {min(EVEN_FIT_RESOLUTION_A, cfg.ctf_start_resolution_A):g} Å "
+                            "the fit needs")
             if stop or iteration == cfg.max_iterations:
                 job.full_map = final_full_map(job, sums)
             del sums
@@ -830,6 +967,8 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
     refined = dataclasses.replace(job.particles, ctf=job.ctf_params(np.arange(len(job.particles))))
     if cfg.optimize_ctf_global and job.odd_aberrations:
         refined = with_odd_aberrations(refined, job.odd_aberrations, log=job.log)
+    if any(h.get("ctf_even") for h in job.history):
+        refined = with_even_aberrations(refined, job.even_aberrations)
     write_particles(out, refined, st.rotations, st.shifts_px * px, job.split, st.scale)
     summary = {
         "command": "refine",
@@ -850,6 +989,8 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         # --optimize-ctf-global: each optics group's last fit (per iteration: "iterations")
         "ctf_global": next((h["ctf_global"] for h in reversed(job.history)
                             if h.get("ctf_global")), None),
+        # --fit-spherical-aberration / --fit-tetrafoil: each optics group's one even fit
+        "ctf_even": next((h["ctf_even"] for h in job.history if h.get("ctf_even")), None),
         "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,
         # --ewald-correction: the sign and the side-band disc the half maps were built with
         "ewald": None if job.ewald is None else {"curvature": job.ewald.curvature,

@@ -63,6 +63,10 @@ def resume(job: Job) -> tuple[Convergence, int]:
     if fitted:                        # --optimize-ctf-global: the latest fit goes on
         job.set_odd_aberrations({int(g): f["odd_zernike"] for g, f in fitted[-1].items()
                                  if f["pixels"]})
+    even = [h["ctf_even"] for h in job.history if h.get("ctf_even")]
+    if even:                          # --fit-spherical-aberration / --fit-tetrafoil
+        job.set_even_aberrations({int(g): f["even_zernike"] for g, f in even[-1].items()
+                                  if f["even_pixels"]})
     if ckpt is not None:
         job.half_maps, job.regularised_maps = ckpt.half_maps, ckpt.regularised_maps
         job.fsc, job.next_references = ckpt.fsc, ckpt.references

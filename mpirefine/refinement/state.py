@@ -88,6 +88,8 @@ class Job:
     odd_sums: dict | None = None           # this iteration's per-group fit sums (refine.add_odd_sums)
     # optics group → (9,) even Zernike coefficients (spherical aberration, tetrafoil, ...)
     even_aberrations: dict = field(default_factory=dict)
+    even_sums: dict | None = None          # this iteration's per-group even-fit sums (refine.add_even_sums)
+    even_pending: bool = False             # the next full pass collects the even fit's sums
     _even_phase: object = None             # GroupEvenPhase of the current coefficients
 
     @property
@@ -139,6 +141,16 @@ class Job:
         return (self.cfg.optimize_ctf_global
                 and self.resolution_A <= self.cfg.ctf_start_resolution_A)
 
+    def fits_odd(self) -> bool:
+        """This iteration fits beam tilt or trefoil (refine.fit_ctf_global)."""
+        return self.refines_ctf_global() and (self.cfg.ctf_fit_tilt or self.cfg.ctf_fit_trefoil)
+
+    def wants_even_fit(self) -> bool:
+        """--fit-spherical-aberration or --fit-tetrafoil asked for and not yet done."""
+        return (self.cfg.optimize_ctf_global
+                and (self.cfg.ctf_fit_spherical or self.cfg.ctf_fit_tetrafoil)
+                and not any(h.get("ctf_even") for h in self.history))
+
     def opposite_references(self) -> dict:
         """half → the *other* half's reference (on xp), on every rank; collective.  The
         --optimize-ctf-global sums compare each particle with the map it did not help
@@ -155,6 +167,17 @@ class Job:
             vol = self.par.bcast_obj(to_numpy(self.references[h]) if mine else None, root=root)
             out[1 - h] = self.xp.asarray(vol)
         return out
+
+    def opposite_half_maps(self) -> dict:
+        """half → the *other* half's last unregularised half map (on xp), on every rank;
+        collective.  The even fit's reference: unfiltered, so that its noise is the
+        (1 − FSC) share the fit's noise correction assumes (the next references are
+        FSC-weighted)."""
+        from mpirefine.backend import to_numpy
+
+        maps = self.par.bcast_obj({h: to_numpy(v) for h, v in self.half_maps.items()}
+                                  if self.par.is_root else None, root=0)
+        return {1 - h: self.xp.asarray(maps[h]) for h in (0, 1)}
 
     def set_odd_aberrations(self, coefficients: dict) -> None:
         self.odd_aberrations = {int(g): np.asarray(c, float) for g, c in coefficients.items()}
