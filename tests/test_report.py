@@ -271,3 +271,40 @@ def test_sampling_compensation_factor():
     assert {tuple(np.round(v, 9) + 0.0) for v in expanded} == {
         (1, 0, 0), (0, 1, 0), (-1, 0, 0), (0, -1, 0)}
     assert symmetry_expanded(one, "C1") is one
+
+
+@pytest.mark.parametrize("kind", ["odd", "even"])
+def test_aberration_phase_figures_show_the_measured_phase(tmp_path, kind):
+    """The measured and model panels are drawn where the fit weighted the pixels (a
+    half-plane grid with ky centred): most of each panel is coloured, not blank."""
+    import matplotlib.image
+
+    from mpirefine.fourier.transforms import freq_grid_2d
+    from mpirefine.physics.aberrations import even_phase, odd_phase
+    from mpirefine.report import plots
+
+    n = 64
+    ky, kx = freq_grid_2d(n, np)
+    kx_A, ky_A = kx / n, ky / n
+    weight = (np.hypot(kx_A, ky_A) < 0.4).astype(float)
+    path = tmp_path / f"{kind}.npz"
+    if kind == "odd":
+        c = np.array([0.0, 30.0, 200.0, 0.0, 0.0, 0.0])
+        xy = np.exp(1j * odd_phase(c, kx_A, ky_A))[None]
+        np.savez(path, iteration=3, groups=np.array([1]), xy=xy, w=np.ones((1, n, n // 2 + 1)),
+                 weight=weight, kx_A=kx_A, ky_A=ky_A, coefficients=c[None])
+        png = plots.plot_ctf_odd_phase(str(path), str(tmp_path))
+    else:
+        c = np.zeros(9)
+        c[6], c[4] = 300.0, 200.0
+        d = even_phase(c, kx_A, ky_A)
+        one, zero = np.ones_like(d), np.zeros_like(d)
+        sums = np.stack([one, zero, one, np.cos(d), np.sin(d), one, zero, one, one])[None]
+        np.savez(path, iteration=3, groups=np.array([1]), sums=sums, weight=weight,
+                 kx_A=kx_A, ky_A=ky_A, coefficients=c[None])
+        png = plots.plot_ctf_even_phase(str(path), str(tmp_path))
+    image = matplotlib.image.imread(png)[..., :3]
+    height, width = image.shape[:2]
+    left = image[int(0.15 * height):int(0.8 * height), int(0.14 * width):int(0.36 * width)]
+    coloured = np.mean(np.abs(left - 1.0).sum(axis=-1) > 0.1)
+    assert coloured > 0.4, coloured

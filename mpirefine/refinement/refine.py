@@ -455,10 +455,28 @@ def fit_even_global(job: Job, iteration: int) -> dict | None:
                              f"{fit.tetrafoil[1]:+.1f}) rad·Å⁴ from {fit.pixels} pixels "
                              "(terms within 3 standard errors of 0 are dropped)")
             fits[g] = fit
+        save_even_sums(os.path.join(job.cfg.out_dir, CTF_EVEN_SUMS), iteration, groups, packed,
+                       weight, kx_A, ky_A, fits)
     fits = par.bcast_obj(fits, root=0)
     kept = {g: f.coefficients for g, f in fits.items() if f.pixels}
     job.set_even_aberrations({**job.even_aberrations, **kept})
     return {str(g): f.as_dict() for g, f in fits.items()}
+
+
+CTF_EVEN_SUMS = "ctf_even_sums.npz"   # the even fit's per-pixel sums, for the report
+
+
+def save_even_sums(path: str, iteration: int, groups, packed, weight, kx_A, ky_A,
+                   fits: dict) -> None:
+    """The even fit's per-pixel sums (nine per optics group, physics/aberrations.py
+    even_aberration_sums), weights and coefficients, for the report's plot of each
+    group's even phase beside its model (written atomically)."""
+    from mpirefine.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, iteration=iteration, groups=np.asarray(groups), sums=packed, weight=weight,
+                 kx_A=kx_A, ky_A=ky_A,
+                 coefficients=np.stack([fits[g].coefficients for g in groups]))
 
 
 #: the even fit needs the refinement this fine: a Cs error of 0.4 mm moves the CTF's

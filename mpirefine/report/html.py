@@ -81,6 +81,11 @@ FIGURES = {
                       "CTF, P the reference projection, X the image; what beam tilt and "
                       "trefoil shift), where the last --optimize-ctf-global fit weighted it; "
                       "right: the fitted model's phase. Both wrapped to ±π."),
+    "ctf_even_phase": ("Even aberrations per optics group", "Left: the even phase δ per "
+                       "frequency pixel measured by the even fit (arg of A⁻¹b over the "
+                       "group's particles at their poses, as relion_ctf_refine measures it) "
+                       "where the fit weighted it; right: the fitted Zernike model (Cs error, "
+                       "tetrafoil and the lower terms). Both wrapped to ±π."),
     "defocus_changes": ("Per-particle defocus changes", "How far --optimize-defocus moved each "
                         "particle's defocus (U and V together), over the whole run."),
 }
@@ -94,7 +99,8 @@ SOURCES = {"map_slices": "map_sharp.mrc or map.mrc", "fsc": "fsc.csv", "guinier"
            "conical_fsc": "map_half_A.mrc and map_half_B.mrc",
            "scale": "scales in particles.star or particles.cs",
            "noise_model": "noise_sigma2 in summary.json",
-           "ctf_odd_phase": "ctf_global_sums.npz", "defocus_changes":
+           "ctf_odd_phase": "ctf_global_sums.npz", "ctf_even_phase": "ctf_even_sums.npz",
+           "defocus_changes":
                "defocus_refinement in summary.json"}
 #: CryoSPARC's readings of the orientation diagnostics
 CFAR_ANISOTROPIC, SCF_STAR_ANISOTROPIC = 0.5, 0.81
@@ -259,6 +265,9 @@ def make_plots(out_dir: str, summary: dict, metrics: dict | None = None) -> tupl
     if summary.get("ctf_global"):      # figures of options that were on
         makers["ctf_odd_phase"] = lambda: plots.plot_ctf_odd_phase(
             os.path.join(out_dir, "ctf_global_sums.npz"), plots_dir)
+    if summary.get("ctf_even"):
+        makers["ctf_even_phase"] = lambda: plots.plot_ctf_even_phase(
+            os.path.join(out_dir, "ctf_even_sums.npz"), plots_dir)
     if summary.get("defocus_refinement"):
         makers["defocus_changes"] = lambda: plots.plot_defocus_changes(
             summary["defocus_refinement"], plots_dir)

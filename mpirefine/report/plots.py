@@ -407,10 +407,34 @@ def plot_defocus_changes(refinement: dict | None, plots_dir: str) -> str | None:
     return _save(fig, plots_dir, "defocus_changes")
 
 
-def _half_plane_image(values: np.ndarray) -> np.ndarray:
-    """(n, n//2 + 1) half-plane values [ky, kx] (ky in FFT order) as a centred
-    (n, n//2 + 1) image with ky increasing upwards."""
-    return np.fft.fftshift(values, axes=0)
+def _phase_panels(groups, measured, models, weight, kx_A, ky_A, titles, label, plots_dir, name,
+                  suptitle) -> str | None:
+    """Per optics group, two half-plane images side by side: a measured phase per
+    frequency pixel and the fitted model's, both wrapped to [−π, π], where ``weight``
+    and the group's own mask (``measured`` is NaN elsewhere) allow.  Grids (n, n//2 + 1)
+    with ky centred (row i ↔ ky = (i − n//2) / (n·pixel))."""
+    used = weight > 0
+    if not used.any():
+        return None
+    n = weight.shape[0]
+    step = float(kx_A[0, 1])
+    kmax = float(np.hypot(kx_A, ky_A)[used].max())
+    extent = (-0.5 * step, (n // 2 + 0.5) * step, (-(n // 2) - 0.5) * step, (n - n // 2 - 0.5) * step)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
+    for row, g in enumerate(groups):
+        for ax, image, title in ((axes[row, 0], measured[row], "measured"),
+                                 (axes[row, 1], np.where(np.isnan(measured[row]), np.nan,
+                                                         np.angle(np.exp(1j * models[row]))),
+                                  titles)):
+            im = ax.imshow(image, origin="lower", extent=extent, cmap="twilight_shifted",
+                           vmin=-np.pi, vmax=np.pi, aspect="equal")
+            ax.set_xlim(0, kmax)
+            ax.set_ylim(-kmax, kmax)
+            ax.set_title(f"optics group {int(g)}: {title}", fontsize=9)
+            ax.set(xlabel="kx (1/Å)", ylabel="ky (1/Å)")
+        fig.colorbar(im, ax=axes[row, :].tolist(), shrink=0.8, label=label)
+    fig.suptitle(suptitle, fontsize=10)
+    return _save(fig, plots_dir, name)
 
 
 def plot_ctf_odd_phase(sums_path: str, plots_dir: str) -> str | None:
@@ -424,26 +448,33 @@ def plot_ctf_odd_phase(sums_path: str, plots_dir: str) -> str | None:
     with np.load(sums_path) as d:
         groups, xy, w, weight = d["groups"], d["xy"], d["w"], d["weight"]
         kx_A, ky_A, coefficients, iteration = d["kx_A"], d["ky_A"], d["coefficients"], int(d["iteration"])
-    used = weight > 0
-    if not used.any():
+    measured = [np.where((weight > 0) & (w[r] > 0), np.angle(xy[r]), np.nan) for r in range(len(groups))]
+    models = [odd_phase(coefficients[r], kx_A, ky_A) for r in range(len(groups))]
+    return _phase_panels(groups, measured, models, weight, kx_A, ky_A, "fitted beam tilt + trefoil",
+                         "odd phase (rad)", plots_dir, "ctf_odd_phase",
+                         f"odd aberrations, fit after iteration {iteration}")
+
+
+def plot_ctf_even_phase(sums_path: str, plots_dir: str) -> str | None:
+    """Each optics group's even phase per frequency pixel, arg u with u = A⁻¹ b ≈
+    (cos δ, sin δ) from the even fit's sums, beside the fitted δ(k) (the even fit:
+    ctf_even_sums.npz)."""
+    if not os.path.exists(sums_path):
         return None
-    n = weight.shape[0]
-    kmax = float(np.hypot(kx_A, ky_A)[used].max())
-    extent = (0.0, float(kx_A.max()), -0.5 * n * float(ky_A[1, 0]), 0.5 * n * float(ky_A[1, 0]))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
-    for row, g in enumerate(groups):
-        shown = used & (w[row] > 0)
-        observed = np.where(shown, np.angle(xy[row]), np.nan)
-        model = np.where(shown, np.angle(np.exp(1j * odd_phase(coefficients[row], kx_A, ky_A))),
-                         np.nan)
-        for ax, image, title in ((axes[row, 0], observed, "measured"),
-                                 (axes[row, 1], model, "fitted beam tilt + trefoil")):
-            im = ax.imshow(_half_plane_image(image), origin="lower", extent=extent,
-                           cmap="twilight_shifted", vmin=-np.pi, vmax=np.pi, aspect="equal")
-            ax.set_xlim(0, kmax)
-            ax.set_ylim(-kmax, kmax)
-            ax.set_title(f"optics group {int(g)}: {title}", fontsize=9)
-            ax.set(xlabel="kx (1/Å)", ylabel="ky (1/Å)")
-        fig.colorbar(im, ax=axes[row, :].tolist(), shrink=0.8, label="odd phase (rad)")
-    fig.suptitle(f"odd aberrations, fit after iteration {iteration}", fontsize=10)
-    return _save(fig, plots_dir, "ctf_odd_phase")
+    from mpirefine.physics.aberrations import even_phase
+
+    with np.load(sums_path) as d:
+        groups, sums, weight = d["groups"], d["sums"], d["weight"]
+        kx_A, ky_A, coefficients, iteration = d["kx_A"], d["ky_A"], d["coefficients"], int(d["iteration"])
+    measured, models = [], []
+    for r in range(len(groups)):
+        axx, axy, ayy, bx, by = sums[r][:5]
+        det = axx * ayy - axy * axy
+        ok = (weight > 0) & (det > 0)
+        safe = np.where(ok, det, 1.0)
+        u1, u2 = (ayy * bx - axy * by) / safe, (axx * by - axy * bx) / safe
+        measured.append(np.where(ok, np.arctan2(u2, u1), np.nan))
+        models.append(even_phase(coefficients[r], kx_A, ky_A))
+    return _phase_panels(groups, measured, models, weight, kx_A, ky_A,
+                         "fitted Cs, tetrafoil and lower terms", "even phase (rad)", plots_dir,
+                         "ctf_even_phase", f"even aberrations, fit after iteration {iteration}")
