@@ -110,11 +110,19 @@ def ctf_gamma(params: CTFParams, kx_A, ky_A):
     q0 = np.clip(params.amplitude_contrast, 0.0, 0.999999)
     k3 = col(np.arctan(q0 / np.sqrt(1.0 - q0 ** 2)))
     phi = col(np.radians(params.phase_shift_deg))
+    defocus, k2 = defocus_along_k(params, kx_A, ky_A)
+    return -np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_A * lam ** 3 * k2 * k2 - phi - k3
+
+
+def defocus_along_k(params: CTFParams, kx_A, ky_A):
+    """(Δf (n, *S), |k|² (1, *S)), float64: each particle's defocus along the direction
+    of each frequency (astigmatism included), and |k|² in 1/Å²."""
+    xp = array_namespace(kx_A, ky_A)
+    col = _columns(xp, kx_A.ndim)
     kx = xp.asarray(kx_A, dtype=xp.float64)[None]
     ky = xp.asarray(ky_A, dtype=xp.float64)[None]
-    k2 = kx * kx + ky * ky
     theta = xp.arctan2(ky, kx)
     mean = col(0.5 * (params.defocus_u_A + params.defocus_v_A))
     half_diff = col(0.5 * (params.defocus_u_A - params.defocus_v_A))
     defocus = mean + half_diff * xp.cos(2.0 * (theta - col(np.radians(params.defocus_angle_deg))))
-    return -np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_A * lam ** 3 * k2 * k2 - phi - k3
+    return defocus, kx * kx + ky * ky

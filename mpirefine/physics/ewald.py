@@ -39,7 +39,7 @@ import numpy as np
 from mpirefine.backend import array_namespace
 from mpirefine.fourier.transforms import centered_fft2, centered_ifft2, centered_irfft2
 from mpirefine.geometry.spheres import soft_sphere
-from mpirefine.physics.ctf import CTFParams, ctf_gamma, electron_wavelength_A
+from mpirefine.physics.ctf import CTFParams, ctf_gamma, defocus_along_k, electron_wavelength_A
 
 #: the sign σ of each curvature name (module docstring)
 CURVATURE_SIGN = {"negative": 1.0, "positive": -1.0}
@@ -104,13 +104,7 @@ def delocalisation_A(params: CTFParams, kx_A, ky_A):
         return xp.asarray(v, dtype=xp.float64).reshape((-1,) + (1,) * kx_A.ndim)
 
     lam = col(electron_wavelength_A(params.voltage_kV))
-    kx = xp.asarray(kx_A, dtype=xp.float64)[None]
-    ky = xp.asarray(ky_A, dtype=xp.float64)[None]
-    k2 = kx * kx + ky * ky
-    theta = xp.arctan2(ky, kx)
-    mean = col(0.5 * (params.defocus_u_A + params.defocus_v_A))
-    half_diff = col(0.5 * (params.defocus_u_A - params.defocus_v_A))
-    defocus = mean + half_diff * xp.cos(2.0 * (theta - col(np.radians(params.defocus_angle_deg))))
+    defocus, k2 = defocus_along_k(params, kx_A, ky_A)
     return 2.0 * lam * xp.sqrt(k2) * xp.abs(defocus - col(params.cs_mm * 1e7) * lam ** 2 * k2)
 
 
