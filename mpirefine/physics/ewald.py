@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpirefine.backend import array_namespace
-from mpirefine.fourier.transforms import centered_fft2, centered_ifft2, centered_irfft2
+from mpirefine.fourier.transforms import centered_fft2, centered_ifft2, centered_irfft2, freq_grid_2d
 from mpirefine.geometry.spheres import soft_sphere
 from mpirefine.physics.ctf import CTFParams, ctf_gamma, defocus_along_k, electron_wavelength_A
 
@@ -231,9 +231,7 @@ def curved_transforms(extract, rotations, n: int, pixel_size_A: float, wavelengt
     envelope on the half plane.
     """
     xp = array_namespace(gamma)
-    ky = (xp.arange(n, dtype=xp.float32) - n // 2)[:, None] * xp.ones((1, n // 2 + 1), xp.float32)
-    kx = xp.arange(n // 2 + 1, dtype=xp.float32)[None, :] * xp.ones((n, 1), xp.float32)
-    kx, ky = kx.ravel(), ky.ravel()
+    ky, kx = (k.ravel() for k in freq_grid_2d(n, xp))
     kz = (sign * sphere_height(kx, ky, n, pixel_size_A, wavelength_A)).astype(xp.float32)
     upper = extract(rotations, kx, ky, kz).reshape(-1, n, n // 2 + 1)
     lower = extract(rotations, kx, ky, -kz).reshape(-1, n, n // 2 + 1)
