@@ -69,7 +69,7 @@ class RefineConfig:
     ctf_fit_trefoil: bool = True                # ... and trefoil (CryoSPARC v4's defaults)
     ctf_fit_spherical: bool = False             # ... a Cs error, fitted once converged
     ctf_fit_tetrafoil: bool = False             # ... tetrafoil, likewise
-    ctf_fit_anisomag: bool = False              # not supported yet
+    ctf_fit_anisomag: bool = False              # ... the magnification matrix, after each iteration
     ctf_min_resolution_A: float = 10.0          # lowest frequency the global CTF fit uses
     ctf_start_resolution_A: float = 8.0         # fit once the GSFSC is finer than this
     ewald_correction: bool = False
@@ -157,11 +157,8 @@ class RefineConfig:
                             f"{self.symmetry_relaxation} is not supported yet (relaxation by "
                             "marginalization already weights the symmetry-related poses)")
         if self.optimize_ctf_global:
-            if self.ctf_fit_anisomag:
-                problems.append("--fit-anisomag: fitting anisotropic magnification is not "
-                                "supported yet (an input's rlnMagMatrix is applied)")
             if not (self.ctf_fit_tilt or self.ctf_fit_trefoil or self.ctf_fit_spherical
-                    or self.ctf_fit_tetrafoil):
+                    or self.ctf_fit_tetrafoil or self.ctf_fit_anisomag):
                 problems.append("--optimize-ctf-global with --no-fit-tilt and --no-fit-trefoil "
                                 "fits nothing: turn one on")
         return problems

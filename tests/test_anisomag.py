@@ -1,8 +1,10 @@
-"""Anisotropic magnification (physics/anisomag.py): RELION's rlnMagMatrix read from the
-optics table, images undistorted as they are read, and the simulator's distorted
-images."""
+"""Anisotropic magnification (physics/anisomag.py): RELION's rlnMagMat00..11 read from
+the optics table, images undistorted as they are read, the simulator's distorted
+images, and the fit (--fit-anisomag)."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
@@ -28,31 +30,33 @@ def test_anisotropic_matrix_stretches_one_direction():
 
 def test_undistorting_a_simulated_image_gives_the_undistorted_one():
     """The image the simulator makes with M, undistorted, is the image made without M.
-    The warp works on the box: it is exact only for signal that the CTF keeps inside
-    it.  Measured (128 Å box): correlation with the undistorted image 0.84 → 0.97 at
-    0.5 µm defocus, 0.76 → 0.99 at 0.1 µm, 0.90 → 0.92 at 1.5 µm."""
+    The simulator cuts each distorted image out of a box twice the size, as a particle
+    is cut from a micrograph; a periodic image (the CTF's delocalised signal wrapped
+    around the box) could not be warped back at 1.5 µm.  Measured, 1 − correlation
+    with the undistorted image: 0.154 → 0.010 at 0.5 µm defocus, 0.079 → 0.007 at
+    1.5 µm (it was 0.097 → 0.083 with periodic images)."""
     from mpirefine.fourier.project import volume_ft
     from mpirefine.geometry.rotations import euler_to_matrix
     from mpirefine.physics.ctf import CTFParams
     from mpirefine.synthetic.models import model_volume
-    from mpirefine.synthetic.simulate import clean_images
+    from mpirefine.synthetic.simulate import _magnified_images
 
     n, px = 64, 2.0
     vft = volume_ft(model_volume(n, px))
     rot = euler_to_matrix(np.array([20.0, 70.0]), np.array([40.0, 100.0]), np.array([0.0, 200.0]))
-    ctf = CTFParams(defocus_u_A=5000.0, defocus_v_A=4800.0, defocus_angle_deg=30.0,
-                    voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1)
     origins = np.zeros((2, 2))
-    plain = clean_images(vft, rot, origins, ctf.subset(np.zeros(2, int)), px)
-    distorted = clean_images(vft, rot, origins, ctf.subset(np.zeros(2, int)), px, mag_matrix=M)
-    fixed = undistort_images(distorted, M)
 
-    def corr(a, b):
-        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    def gap(a, b):
+        return 1.0 - float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
-    assert corr(distorted, plain) < 0.9
-    assert corr(fixed, plain) > 0.96, corr(fixed, plain)
-    assert corr(undistort_images(distorted, np.linalg.inv(M)), plain) < corr(distorted, plain)
+    for defocus in (5000.0, 15000.0):
+        ctf = CTFParams(defocus_u_A=defocus, defocus_v_A=defocus - 200, defocus_angle_deg=30.0,
+                        voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1).subset(np.zeros(2, int))
+        plain = _magnified_images(vft, rot, origins, ctf, px, None, None, np.eye(2))
+        distorted = _magnified_images(vft, rot, origins, ctf, px, None, None, M)
+        fixed = undistort_images(distorted, M)
+        assert gap(fixed, plain) < 0.2 * gap(distorted, plain), defocus
+        assert gap(undistort_images(distorted, np.linalg.inv(M)), plain) > gap(distorted, plain)
 
 
 def test_mag_matrices_are_read_per_optics_group(tmp_path):
@@ -68,7 +72,7 @@ def test_mag_matrices_are_read_per_optics_group(tmp_path):
     star = starfile.read(tmp_path / "particles_true.star")
     star["optics"] = star["optics"].drop(columns=[MAG_COLUMNS[1]])
     starfile.write(star, tmp_path / "partial.star", overwrite=True)
-    with pytest.raises(InputError, match="rlnMagMatrix"):
+    with pytest.raises(InputError, match="rlnMagMat"):
         input_mag_matrices(read_particles(str(tmp_path / "partial.star")))
 
 
@@ -92,8 +96,9 @@ def magnified(tmp_path_factory):
 
 
 def test_reconstruct_applies_the_mag_matrix(magnified, tmp_path):
-    """Measured (1500 particles): FSC 0.5 vs truth 4.3 Å with the matrix, 7.0 Å without
-    it, 8.1 Å with its inverse (Nyquist 4 Å)."""
+    """Measured (800 particles): FSC 0.5 vs truth 4.39 Å with the matrix, 5.92 Å
+    without it, worse with its inverse (Nyquist 4 Å); relion_reconstruct 3.1 on the
+    same particles: 4.23 Å with, 5.92 Å without."""
     from test_refine import run_cli
 
     from mpirefine.io import read_volume
@@ -109,3 +114,131 @@ def test_reconstruct_applies_the_mag_matrix(magnified, tmp_path):
         vol = np.asarray(read_volume(str(out / "map_unfil.mrc"))[0])
         res[name] = resolution_A(fsc_curve(vol, truth), 64, 2.0, 0.5)
     assert res["particles_true"] < 5.0 < res["no_mag"] < res["inverse_mag"], res
+
+
+# ------------------------------------------------------------------ the fit
+
+ANISO = 0.008                     # a 0.8 % stretch at 30° (in the fit's linear range)
+
+
+@pytest.fixture(scope="module")
+def stretched(tmp_path_factory):
+    """Noise-free apoferritin at 2 Å/px, its magnification stretched by ANISO at 30°."""
+    from mpirefine.physics.anisomag import anisotropic_matrix
+    from mpirefine.synthetic.models import model_volume
+    from mpirefine.synthetic.simulate import simulate_dataset
+
+    folder = tmp_path_factory.mktemp("stretched")
+    simulate_dataset(model_volume(64, 2.0), 2.0, 600, folder, snr=np.inf, seed=4, overwrite=True,
+                     mag_matrix=tuple(anisotropic_matrix(ANISO, 30.0).ravel()))
+    return folder
+
+
+def _fit_at_poses(star, maps):
+    """Our magnification fit on ``star``'s particles at their poses against the other
+    half's map (relion_ctf.sums_at_true_poses), 10 Å to 4.5 Å."""
+    from relion_ctf import sums_at_true_poses
+
+    from mpirefine.fourier.transforms import freq_grid_2d
+    from mpirefine.physics.anisomag import fit_magnification, magnification_sums
+    from mpirefine.refinement.images import ctf_grid
+
+    h = 0.05
+
+    def batch(vft, f, params, rot, shifts, prep, _kx_A, _ky_A):
+        c = ctf_grid(params, prep, np)
+        dc = [(ctf_grid(params, prep, np, freq_shift=(h * ex, h * ey))
+               - ctf_grid(params, prep, np, freq_shift=(-h * ex, -h * ey))) / (2 * h)
+              for ex, ey in ((1, 0), (0, 1))]
+        return magnification_sums(vft, f, c, dc[0], dc[1], rot, shifts, np.ones(len(rot)))
+
+    (A, b), _, _, _, weight = sums_at_true_poses(star, maps, batch, max_res_A=4.5)
+    ky, kx = freq_grid_2d(64, np)
+    return fit_magnification(A, b, kx, ky, weight)
+
+
+def _with_matrix(star, out, matrix):
+    """``star`` rewritten to ``out`` with every optics group's rlnMagMat00..11 = matrix."""
+    table = starfile.read(star)
+    table["optics"] = table["optics"].assign(**dict(zip(MAG_COLUMNS, np.ravel(matrix))))
+    starfile.write(table, out, overwrite=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("relion_ctf_refine") is None,
+                    reason="relion_ctf_refine not installed (apt-get install relion)")
+def test_mag_fit_agrees_with_relion_ctf_refine(stretched, tmp_path):
+    """relion_ctf_refine --fit_aniso (RELION 3.1) reads our rlnMagMat00..11 convention.
+    On our particles at their true poses, with half maps reconstructed with the true
+    matrix, both fits start from the identity and go four rounds (each round's
+    matrix applied to the images of the next, as RELION composes mat · mat0).  Both
+    find the stretch we put in within 10 %, and agree with each other within 10 %.
+    Measured: a first round finds 0.42 % (ours) and 0.46 % (RELION) of the 0.8 %: the
+    first-order model falls short on a displacement of 0.2 px at 4.5 Å; refine fits
+    once per iteration, so it converges the same way.  After four: ours 0.75 % at 31.6°,
+    RELION's 0.82 % at 33.0°; RELION's isotropic part drifts (+2.2 %), ours stays at
+    +0.06 % (the CTF's derivative is in our model)."""
+    import subprocess
+
+    from relion_ctf import relion_ctf_refine_at_true_poses
+
+    from mpirefine.physics.anisomag import describe_matrix
+
+    first, maps = relion_ctf_refine_at_true_poses(stretched, tmp_path, MAG_COLUMNS,
+                                                  ["--fit_aniso", "--kmin_mag", "10"])
+    relion = np.array([[float(first[c]) for c in MAG_COLUMNS[:2]],
+                       [float(first[c]) for c in MAG_COLUMNS[2:]]])
+    ours = _fit_at_poses(tmp_path / "in.star", maps)
+    for _ in range(3):
+        _with_matrix(tmp_path / "in.star", tmp_path / "round.star", relion)
+        subprocess.run(["relion_ctf_refine", "--i", "round.star", "--f", "pp.star", "--o",
+                        "round/", "--fit_aniso", "--kmin_mag", "10"], cwd=tmp_path,
+                       capture_output=True, text=True)
+        optics = starfile.read(tmp_path / "round" / "particles_ctf_refine.star")["optics"].iloc[0]
+        relion = np.array([[float(optics[c]) for c in MAG_COLUMNS[:2]],
+                           [float(optics[c]) for c in MAG_COLUMNS[2:]]])
+        ours = _fit_at_poses(_with_matrix(tmp_path / "in.star", tmp_path / "ours.star", ours),
+                             maps) @ ours
+    relion, ours = describe_matrix(relion), describe_matrix(ours)
+    print("relion", relion, "ours", ours)
+    for fit in (relion, ours):
+        assert fit["anisotropy_percent"] == pytest.approx(100 * ANISO, rel=0.1), fit
+        assert fit["anisotropy_angle_deg"] == pytest.approx(30.0, abs=5.0), fit
+    assert ours["anisotropy_percent"] == pytest.approx(relion["anisotropy_percent"], rel=0.1)
+
+
+def test_refine_fit_anisomag_finds_the_stretch(tmp_path):
+    """refine --optimize-ctf-global --fit-anisomag: the matrix fitted after each
+    iteration, applied to the images of the next, converges on the stretch put in
+    (2 % at 30°, here within 10 % and 5°; measured 1.96 % at 28.8° after 7 iterations of
+    400 particles); it goes to the
+    optics table, the .cs ctf/anisomag field (M − I) and summary.json."""
+    import json
+
+    from test_refine import run_cli
+
+    from mpirefine.physics.anisomag import anisotropic_matrix
+
+    m = anisotropic_matrix(0.02, 30.0)
+    data = tmp_path / "data"
+    res = run_cli(["simulate", "--model", "--box", "64", "--pixel-size", "2.0", "--n-particles",
+                   "400", "--snr", "1", "--seed", "6", "--mag-matrix", *map(str, m.ravel()),
+                   "--out", str(data), "--overwrite"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "run"
+    res = run_cli(["refine", str(data / "particles.star"), str(data / "start_20A.mrc"),
+                   "--out", str(out), "--symmetry", "O", "--optimize-ctf-global",
+                   "--no-fit-tilt", "--no-fit-trefoil", "--fit-anisomag",
+                   "--ctf-start-resolution", "10", "--max-iterations", "7", "--cpu"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    fit = summary["ctf_anisomag"]["1"]
+    print(fit)
+    assert fit["anisotropy_percent"] == pytest.approx(2.0, rel=0.1), fit
+    assert fit["anisotropy_angle_deg"] == pytest.approx(30.0, abs=5.0), fit
+    assert "magnification anisotropy" in res.stderr + res.stdout
+    optics = starfile.read(out / "particles.star")["optics"].iloc[0]
+    np.testing.assert_allclose([optics[c] for c in MAG_COLUMNS], np.ravel(fit["matrix"]), atol=1e-6)
+    cs = np.load(out / "particles.cs")
+    np.testing.assert_allclose(cs["ctf/anisomag"][0], np.ravel(fit["matrix"]) - [1, 0, 0, 1],
+                               atol=1e-6)

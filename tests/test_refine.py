@@ -108,8 +108,7 @@ def test_help_lists_every_common_parameter_with_default():
 
 
 @pytest.mark.parametrize("flag", [["--symmetry", "C4", "--symmetry-relaxation", "maximization",
-                                   "--adaptive-marginalization"],
-                                  ["--optimize-ctf-global", "--fit-anisomag"]])
+                                   "--adaptive-marginalization"]])
 def test_unbuilt_parameters_are_refused_not_ignored(refine_dataset, tmp_path, flag):
     out = tmp_path / "r"
     res = run_cli(refine_args(refine_dataset, str(out), *flag))

@@ -253,7 +253,7 @@ def describe_particles(path: str, project_dir: str | None = None, n_ranks: int =
                     c[SPHERICAL_TERM], float(electron_wavelength_A(group["voltage_kV"])))),
                 "tetrafoil": [float(c[t]) for t in TETRAFOIL_TERMS],
                 "even_zernike": [float(v) for v in c]}
-        if g["group"] in mags:         # rlnMagMatrix: images undistorted as they are read
+        if g["group"] in mags:         # rlnMagMat00..11: images undistorted as they are read
             m = mags[g["group"]]
             stretch = np.linalg.svd(m, compute_uv=False)
             group["mag_matrix"] = {"matrix": m.tolist(),
@@ -343,7 +343,7 @@ def format_particles(info: dict) -> str:
             m = g["mag_matrix"]
             matrix = ", ".join(f"{v:.4f}" for row in m["matrix"] for v in row)
             rows.append(("", f"  magnification matrix ({matrix}), "
-                             f"anisotropy {m['anisotropy_percent']:.2f} % (rlnMagMatrix, "
+                             f"anisotropy {m['anisotropy_percent']:.2f} % (rlnMagMat00..11, "
                              "applied to the images by refine and reconstruct)"))
     rows += [("defocus U", _fmt_spread(ctf["defocus_u_um"], 3, " µm")),
              ("defocus V", _fmt_spread(ctf["defocus_v_um"], 3, " µm")),

@@ -127,7 +127,10 @@ def add_args(parser):
     g.add_argument("--fit-tetrafoil", dest="ctf_fit_tetrafoil", action=B, default=False,
                    help="with --optimize-ctf-global: fit tetrafoil (rlnEvenZernike), likewise [off]")
     g.add_argument("--fit-anisomag", dest="ctf_fit_anisomag", action=B, default=False,
-                   help="fit anisotropic magnification (not supported yet) [off]")
+                   help="with --optimize-ctf-global: fit each optics group's magnification "
+                        "matrix (rlnMagMat00..11, dimensionless) after each iteration, as "
+                        "relion_ctf_refine --fit_aniso does, and undistort its images by it "
+                        "from the next iteration on [off]")
     g.add_argument("--ctf-min-resolution", dest="ctf_min_resolution_A", type=float,
                    default=10.0, metavar="Å",
                    help="lowest resolution the global CTF fit uses, Å; the highest is the "

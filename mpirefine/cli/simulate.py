@@ -101,7 +101,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--mag-matrix", type=float, nargs=4, default=(1.0, 0.0, 0.0, 1.0),
                      metavar=("M00", "M01", "M10", "M11"),
                      help="anisotropic magnification of the microscope, RELION's "
-                          "rlnMagMatrix_00..11: in the images and particles_true.star only "
+                          "rlnMagMat00..11: in the images and particles_true.star only "
                           "(which reconstruct and refine apply) [1 0 0 1]")
     sim.add_argument("--stack-size", type=int, default=1000, metavar="N",
                      help="images per .mrcs stack, also the batch held in memory "

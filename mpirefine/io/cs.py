@@ -126,6 +126,11 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None,
         if require_stacks:
             raise InputError(message)
         notes.append(message)
+    for name in ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag", "ctf/shift_A"):
+        if name in names and np.any(table[name]):
+            notes.append(f"{path}: {name} holds non-zero values, which are not applied (the "
+                         "aberrations are read from a RELION optics table: rlnBeamTiltX/Y, "
+                         "rlnOddZernike, rlnEvenZernike, rlnMagMat00..11)")
     image_box = np.zeros(n, dtype=np.int64)
     if "blob/shape" in names:
         shapes = table["blob/shape"].reshape(n, -1).astype(np.int64)
@@ -230,9 +235,35 @@ def _fresh_table(ps: ParticleSet) -> np.ndarray:
                         ("ctf/bfactor", ctf.bfactor_A2)):
         out[name] = np.broadcast_to(value, (n,))
     out["ctf/scale"] = 1.0
+    _set_optics_aberrations(out, ps)
     for name, _, value in _ALIGN_EXTRA:
         out[name] = value
     return out
+
+
+def _set_optics_aberrations(table: np.ndarray, ps: ParticleSet) -> None:
+    """A STAR input's per-optics-group beam tilt and magnification matrix (as read, or as
+    refined) into the fresh table's CryoSPARC fields: ctf/tilt_A = Cs · sin(tilt) in Å
+    (x, y), and ctf/anisomag = M − I, row-major (CryoSPARC keeps the matrix less the
+    identity).  Trefoil and the even terms stay in rlnOddZernike / rlnEvenZernike only:
+    ctf/trefoil_A and ctf/tetra_A are left at zero."""
+    optics = ps._star_optics
+    if optics is None:
+        return
+    from mpirefine.physics.anisomag import MAG_COLUMNS
+
+    groups = np.asarray(ps.optics_group)
+    for _, row in optics.iterrows():
+        rows = groups == int(row["rlnOpticsGroup"])
+        if not rows.any():
+            continue
+        if "rlnBeamTiltX" in optics.columns and "rlnBeamTiltY" in optics.columns:
+            cs_A = np.broadcast_to(ps.ctf.cs_mm, groups.shape)[rows, None] * 1e7
+            tilt = 1e-3 * np.array([float(row["rlnBeamTiltX"]), float(row["rlnBeamTiltY"])])
+            table["ctf/tilt_A"][rows] = cs_A * np.sin(tilt)[None]
+        if all(c in optics.columns for c in MAG_COLUMNS):
+            m = np.array([float(row[c]) for c in MAG_COLUMNS])
+            table["ctf/anisomag"][rows] = m - np.array([1.0, 0.0, 0.0, 1.0])
 
 
 def _set_defocus(table: np.ndarray, ctf) -> None:

@@ -97,15 +97,19 @@ def prepare_images(images, prep: ImagePrep, xp, grid: ImageGrid | None = None,
 
 
 def ctf_grid(params: CTFParams, prep: ImagePrep, xp, grid: ImageGrid | None = None,
-             gamma_offset=None):
+             gamma_offset=None, freq_shift=(0.0, 0.0)):
     """CTF of each particle on the half-plane grid, (B, n, n // 2 + 1) float32.
 
     grid: as for :func:`prepare_images`; particles off the reference grid get their CTF
     at their effective pixel size, cut at their own Nyquist frequency where their
     images were Fourier padded.  gamma_offset: (B, n, n // 2 + 1) phases added to each
     particle's γ (its optics group's even aberrations, physics/aberrations.py) or None.
+    freq_shift: (dx, dy) cycles per box added to every frequency (for the CTF's
+    derivatives by central differences, refine.add_mag_sums).
     """
     ky, kx = freq_grid_2d(prep.box, xp)
+    if freq_shift[0] or freq_shift[1]:
+        kx, ky = kx + freq_shift[0], ky + freq_shift[1]
     if grid is None:
         scale = 1.0 / (prep.box * prep.pixel_size_A)
         return evaluate_ctf(params, kx * scale, ky * scale, gamma_offset=gamma_offset)
@@ -210,16 +214,20 @@ def to_reference_grid(images, grid: ImageGrid):
 
 # -------------------------------------------------------------------- reading images
 
-def open_images(ps: ParticleSet):
+def open_images(ps: ParticleSet, mag_matrices: dict | None = None):
     """Where a job's images come from: an :class:`ImageSource` over ``ps``, or, when
     its optics groups have more than one box, a :class:`MixedBoxImages` that yields
     each batch from one box (``prepare_images`` then brings them onto the reference
     grid).  Both are context managers with ``batches(indices, size)``.  Optics groups
-    with an anisotropic magnification (rlnMagMatrix) have their images undistorted as
-    they are read (physics/anisomag.py)."""
+    with an anisotropic magnification (rlnMagMat00..11) have their images undistorted as
+    they are read (physics/anisomag.py): by the input's matrices, or by ``mag_matrices``
+    ({group: M}, read at each batch, so that a refinement that fits them updates the
+    dict in place and the next batch uses the new ones)."""
     from mpirefine.physics.anisomag import Undistorted, input_mag_matrices
 
     source = ImageSource(ps) if np.all(ps.image_box == ps.box) else MixedBoxImages(ps)
+    if mag_matrices is not None:
+        return Undistorted(source, ps.optics_group, mag_matrices)
     matrices = input_mag_matrices(ps)
     return Undistorted(source, ps.optics_group, matrices) if matrices else source
 

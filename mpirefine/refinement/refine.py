@@ -36,6 +36,7 @@ from mpirefine.fourier.project import volume_ft
 from mpirefine.geometry.symmetry import point_group
 from mpirefine.io import read_particles, read_volume
 from mpirefine.physics.aberrations import input_even_aberrations, input_odd_aberrations
+from mpirefine.physics.anisomag import input_mag_matrices
 from mpirefine.physics.ewald import EwaldCorrection
 from mpirefine.physics.noise import NoiseModel, model_from_sums, residual_power_sums, shell_power_sums
 from mpirefine.postprocess.fsc import crossing_shell
@@ -136,6 +137,11 @@ def build_job(cfg: RefineConfig, par, log) -> Job:
         job.set_even_aberrations(even)
         log.info(f"even aberrations (rlnEvenZernike) of optics group(s) {sorted(even)} from "
                  f"{cfg.particles} are applied to their CTFs")
+    mag = input_mag_matrices(ps)
+    job.set_mag_matrices(mag)
+    if mag:
+        log.info(f"magnification matrices (rlnMagMat00..11) of optics group(s) {sorted(mag)} from "
+                 f"{cfg.particles}: their images are undistorted as they are read")
     return job
 
 
@@ -184,7 +190,7 @@ def initial_noise_model(job: Job, n_images: int = 1000) -> NoiseModel:
     n = ps.box
     sums = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
-    with open_images(ps) as source:
+    with open_images(ps, job.mag_matrices) as source:
         for idx, images in source.batches(mine, job.cfg.image_batch_size):
             s, c = shell_power_sums(prepare_images(images, job.prep, xp, ps.image_grid(idx)), n)
             sums += s
@@ -206,7 +212,7 @@ def estimate_greyscale(job: Job, n_images: int = 300) -> float:
     for _ in range(2):
         vft = volume_ft(job.references[0] * factor, pad=PAD)
         scales = []
-        with open_images(ps) as source:
+        with open_images(ps, job.mag_matrices) as source:
             for idx, images in source.batches(mine, job.cfg.image_batch_size):
                 f = job.demodulate(idx, prepare_images(images, job.prep, xp, ps.image_grid(idx)))
                 c = job.ctf_grid(idx, ps.ctf.subset(idx), ps.image_grid(idx))
@@ -258,14 +264,17 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
     job.odd_sums = {} if job.fits_odd() else None
     # --fit-spherical-aberration / --fit-tetrafoil: once, on the pass after convergence
     job.even_sums = {} if job.even_pending else None
-    fit_refs = job.opposite_references() if job.odd_sums is not None else None
+    # --fit-anisomag: per optics group, the magnification fit's per-pixel sums
+    job.mag_sums = {} if job.fits_mag() else None
+    fit_refs = (job.opposite_references()
+                if job.odd_sums is not None or job.mag_sums is not None else None)
     even_refs = job.opposite_half_maps() if job.even_sums is not None else None
     accs, results = {}, []
     power = np.zeros(n // 2 + 1)
     counts = np.zeros(n // 2 + 1)
     with contextlib.ExitStack() as stack:
         if source is None:
-            source = stack.enter_context(open_images(ps))
+            source = stack.enter_context(open_images(ps, job.mag_matrices))
         for half, mine in rank_share(par, job.split, minibatch):
             acc = Accumulator.zeros(n, PAD, xp)
             ref = job.references[half]
@@ -327,6 +336,9 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
                 if job.even_sums is not None:
                     with timer("ctf_global"):
                         add_even_sums(job, even_vft, idx, f_insert, params, res, scale)
+                if job.mag_sums is not None:
+                    with timer("ctf_global"):
+                        add_mag_sums(job, fit_vft, idx, f_insert, params, grid, res, scale)
                 results.append((idx, res.rotations, res.shifts_px, scale, res.log_likelihood, change))
             accs[half] = acc
             if on_accumulator is not None:
@@ -381,6 +393,110 @@ def add_odd_sums(job: Job, vft, idx, raw, c, res, scale) -> None:
                                     res.shifts_px[rows], np.asarray(scale)[rows])
         old = job.odd_sums.get(int(g))
         job.odd_sums[int(g)] = (xy, w) if old is None else (old[0] + xy, old[1] + w)
+
+
+def add_mag_sums(job: Job, vft, idx, images, params, grid, res, scale) -> None:
+    """Add a batch to each optics group's magnification sums (physics/anisomag.py
+    magnification_sums): the undistorted images, demodulated of the odd terms and
+    unwindowed, against the other half's reference, with their CTFs (even terms
+    included) and the CTFs' derivatives along kx and ky by central differences."""
+    from mpirefine.physics.anisomag import magnification_sums
+
+    step = MAG_CTF_STEP
+    c = job.ctf_grid(idx, params, grid)
+    dc = [(job.ctf_grid(idx, params, grid, (step * ex, step * ey))
+           - job.ctf_grid(idx, params, grid, (-step * ex, -step * ey))) / (2 * step)
+          for ex, ey in ((1, 0), (0, 1))]
+    groups = np.asarray(job.particles.optics_group)[idx]
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        on = job.xp.asarray(rows)
+        sums = magnification_sums(vft, images[on], c[on], dc[0][on], dc[1][on],
+                                  res.rotations[rows], res.shifts_px[rows],
+                                  np.asarray(scale)[rows])
+        old = job.mag_sums.get(int(g))
+        job.mag_sums[int(g)] = sums if old is None else tuple(a + b for a, b in zip(old, sums))
+
+
+MAG_CTF_STEP = 0.05   # cycles per box: the step of the CTF's derivatives for the mag fit
+
+
+def fit_mag_global(job: Job, iteration: int) -> dict | None:
+    """--fit-anisomag after an iteration: every rank's sums summed, each optics group's
+    correction I + G fitted on world rank 0 (physics/anisomag.py fit_magnification; the
+    odd fit's band and GSFSC weights, and the noise model's 1/σ²) and its matrix
+    replaced by (I + G) M on every rank, for the images read from the next iteration
+    on.  Collective; returns {group: describe_matrix(M) + pixels} (None: no fit)."""
+    from mpirefine.fourier.transforms import freq_grid_2d
+    from mpirefine.physics.anisomag import describe_matrix, fit_magnification
+
+    par, n = job.par, job.prep.box
+    if job.mag_sums is None:
+        return None
+    groups = sorted({int(g) for g in np.unique(job.particles.optics_group)})
+    packed = np.zeros((len(groups), n, n // 2 + 1, 6))
+    for k, g in enumerate(groups):
+        if g in job.mag_sums:
+            A, b = (to_numpy(a) for a in job.mag_sums[g])
+            packed[k] = np.concatenate([A.reshape(n, n // 2 + 1, 4), b], axis=-1)
+    packed = par.allreduce_obj(packed)
+    job.mag_sums = None
+    out = None
+    if par.is_root:
+        ky, kx = freq_grid_2d(n, np)
+        weight = global_fit_weight(job) * to_numpy(job.noise.pixel_weights(n, np))
+        out = {}
+        for j, g in enumerate(groups):
+            A = packed[j, ..., :4].reshape(n, n // 2 + 1, 2, 2)
+            pixels = int(np.count_nonzero(weight * A[..., 0, 0]))
+            if pixels < 8:
+                continue
+            old = job.mag_matrices.get(g, np.eye(2))
+            new = fit_magnification(A, packed[j, ..., 4:], kx, ky, weight) @ old
+            out[g] = {**describe_matrix(new), "pixels": pixels}
+            d = out[g]
+            job.log.info(f"iteration {iteration:3d}  optics group {g}: magnification anisotropy "
+                         f"{d['anisotropy_percent']:+.3f} % at {d['anisotropy_angle_deg']:.0f}°, "
+                         f"isotropic {d['isotropic_percent']:+.3f} % from {pixels} pixels")
+    out = par.bcast_obj(out, root=0)
+    job.set_mag_matrices({**job.mag_matrices, **{g: d["matrix"] for g, d in out.items()}})
+    return {str(g): d for g, d in out.items()}
+
+
+def global_fit_weight(job: Job) -> np.ndarray:
+    """ω per (n, n // 2 + 1) pixel of the global CTF fits: the GSFSC where it is at least
+    0.143, from --ctf-min-resolution to the current resolution (relion_ctf_refine's)."""
+    from mpirefine.fourier.transforms import freq_grid_2d
+
+    n = job.prep.box
+    ky, kx = freq_grid_2d(n, np)
+    k = np.hypot(kx, ky) / (n * job.prep.pixel_size_A)
+    fsc = np.asarray(job.steering.fsc, float)
+    shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
+    weight = np.where(fsc[shell] >= 0.143, fsc[shell], 0.0)
+    return weight * ((k >= 1.0 / job.cfg.ctf_min_resolution_A) & (k <= 1.0 / job.resolution_A))
+
+
+def with_mag_matrices(ps, matrices: dict, log=None):
+    """The particle set with its optics table carrying each group's magnification
+    matrix (rlnMagMat00..11; the identity for groups without one)."""
+    from mpirefine.physics.anisomag import MAG_COLUMNS
+
+    if ps._star_optics is None:
+        if log is not None:
+            log.warning("the fitted magnification matrices are in summary.json only: the "
+                        "input has no RELION optics table to carry them (write a STAR input)")
+        return ps
+    optics = ps._star_optics.copy()
+    for c, v in zip(MAG_COLUMNS, (1.0, 0.0, 0.0, 1.0)):
+        if c not in optics.columns:
+            optics[c] = v
+    for i, row in optics.iterrows():
+        m = matrices.get(int(row["rlnOpticsGroup"]))
+        if m is not None:
+            for c, v in zip(MAG_COLUMNS, np.asarray(m, float).ravel()):
+                optics.at[i, c] = v
+    return dataclasses.replace(ps, _star_optics=optics)
 
 
 def add_even_sums(job: Job, vft, idx, images, params, res, scale) -> None:
@@ -541,11 +657,7 @@ def fit_ctf_global(job: Job, iteration: int) -> dict | None:
     if par.is_root:
         ky, kx = freq_grid_2d(n, np)
         kx_A, ky_A = kx / (n * job.prep.pixel_size_A), ky / (n * job.prep.pixel_size_A)
-        k = np.hypot(kx_A, ky_A)
-        fsc = np.asarray(job.steering.fsc, float)
-        shell = np.minimum(np.rint(np.hypot(kx, ky)).astype(int), len(fsc) - 1)
-        weight = np.where(fsc[shell] >= 0.143, fsc[shell], 0.0)
-        weight *= (k >= 1.0 / job.cfg.ctf_min_resolution_A) & (k <= 1.0 / job.resolution_A)
+        weight = global_fit_weight(job)
         fits = {}
         for j, g in enumerate(groups):
             rows = np.flatnonzero(job.particles.optics_group == g)
@@ -594,8 +706,11 @@ def ctf_global_settled(job: Job) -> bool:
     more than 0.05 mrad of beam tilt, or by more than 5 % of trefoil where that change
     moves the phase by 0.05 rad or more at the current resolution, in some optics group.
     (Measured: with no trefoil in the data, fits at 2.7 Å moved by 0.3–0.7 rad·Å³, about
-    0.03 rad there, and the old 5 %-of-at-least-1 rule never let the run end.)"""
+    0.03 rad there, and the old 5 %-of-at-least-1 rule never let the run end.)  The
+    magnification matrices of --fit-anisomag must have settled too (:func:`mag_settled`)."""
     cfg = job.cfg
+    if not mag_settled(job):
+        return False
     if not (cfg.optimize_ctf_global and (cfg.ctf_fit_tilt or cfg.ctf_fit_trefoil)):
         return True
     fits = [h["ctf_global"] for h in job.history if h.get("ctf_global")]
@@ -617,6 +732,24 @@ def ctf_global_settled(job: Job) -> bool:
                                        and not negligible):
             return False
     return True
+
+
+MAG_SETTLED = 5e-4    # largest change of a magnification matrix element between fits
+
+
+def mag_settled(job: Job) -> bool:
+    """True unless --fit-anisomag has not fitted yet while the start resolution is
+    reached, or its last two fits differ by more than 0.05 % in some element of some
+    group's matrix (a tenth of a 0.5 % distortion)."""
+    if not (job.cfg.optimize_ctf_global and job.cfg.ctf_fit_anisomag):
+        return True
+    fits = [h["ctf_anisomag"] for h in job.history if h.get("ctf_anisomag")]
+    if not fits:
+        return not job.refines_ctf_global()
+    if len(fits) < 2:
+        return False
+    return all(g in fits[-2] and np.max(np.abs(np.subtract(new["matrix"], fits[-2][g]["matrix"])))
+               <= MAG_SETTLED for g, new in fits[-1].items())
 
 
 def collect_particle_results(job: Job, results: list) -> None:
@@ -762,7 +895,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
     cfg, par, log = job.cfg, job.par, job.log
     start = time.time()
     writer = CheckpointWriter(timer)
-    source = open_images(job.particles)
+    source = open_images(job.particles, job.mag_matrices)
     try:
         for iteration in range(first_iteration, cfg.max_iterations + 1):
             t0 = time.time()
@@ -788,6 +921,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
             job.noise = model_from_sums(noise_sums[:len(power)], noise_sums[len(power):],
                                         constant=False)
             ctf_global = fit_ctf_global(job, iteration)
+            ctf_anisomag = fit_mag_global(job, iteration)
             ctf_even = fit_even_global(job, iteration)
             res = job.resolution_A
             seconds = time.time() - t0
@@ -796,6 +930,7 @@ def iterate(job: Job, timer, rule: Convergence, first_iteration: int = 1) -> Non
                                 "alignment_resolution_A": job.alignment_resolution_A(),
                                 **job.steering.record(),
                                 **({"ctf_global": ctf_global} if ctf_global else {}),
+                                **({"ctf_anisomag": ctf_anisomag} if ctf_anisomag else {}),
                                 **({"ctf_even": ctf_even} if ctf_even else {})})
             stop = rule.update(res, full)
             if stop and not ctf_global_settled(job):
@@ -995,6 +1130,8 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         refined = with_odd_aberrations(refined, job.odd_aberrations, log=job.log)
     if any(h.get("ctf_even") for h in job.history):
         refined = with_even_aberrations(refined, job.even_aberrations)
+    if any(h.get("ctf_anisomag") for h in job.history):
+        refined = with_mag_matrices(refined, job.mag_matrices, log=job.log)
     write_particles(out, refined, st.rotations, st.shifts_px * px, job.split, st.scale)
     summary = {
         "command": "refine",
@@ -1015,6 +1152,9 @@ def finish(job: Job, rule: Convergence, wall_start: float, timings) -> dict | No
         # --optimize-ctf-global: each optics group's last fit (per iteration: "iterations")
         "ctf_global": next((h["ctf_global"] for h in reversed(job.history)
                             if h.get("ctf_global")), None),
+        # --fit-anisomag: each optics group's last magnification matrix
+        "ctf_anisomag": next((h["ctf_anisomag"] for h in reversed(job.history)
+                              if h.get("ctf_anisomag")), None),
         # --fit-spherical-aberration / --fit-tetrafoil: each optics group's one even fit
         "ctf_even": next((h["ctf_even"] for h in job.history if h.get("ctf_even")), None),
         "n_particles_last_pass": int(job.history[-1]["batch_size"]) if job.history else 0,

@@ -63,6 +63,10 @@ def resume(job: Job) -> tuple[Convergence, int]:
     if fitted:                        # --optimize-ctf-global: the latest fit goes on
         job.set_odd_aberrations({int(g): f["odd_zernike"] for g, f in fitted[-1].items()
                                  if f["pixels"]})
+    mag = [h["ctf_anisomag"] for h in job.history if h.get("ctf_anisomag")]
+    if mag:                           # --fit-anisomag: the latest matrices go on
+        job.set_mag_matrices({**job.mag_matrices,
+                              **{int(g): f["matrix"] for g, f in mag[-1].items()}})
     even = [h["ctf_even"] for h in job.history if h.get("ctf_even")]
     if even:                          # --fit-spherical-aberration / --fit-tetrafoil
         job.set_even_aberrations({int(g): f["even_zernike"] for g, f in even[-1].items()

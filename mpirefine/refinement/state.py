@@ -91,6 +91,10 @@ class Job:
     even_sums: dict | None = None          # this iteration's per-group even-fit sums (refine.add_even_sums)
     even_pending: bool = False             # the next full pass collects the even fit's sums
     _even_phase: object = None             # GroupEvenPhase of the current coefficients
+    # optics group → (2, 2) magnification matrix M the images are undistorted by as they
+    # are read (physics/anisomag.py); updated in place, so the open image source sees it
+    mag_matrices: dict = field(default_factory=dict)
+    mag_sums: dict | None = None           # this iteration's per-group sums (refine.add_mag_sums)
 
     @property
     def enforce_symmetry(self) -> bool:
@@ -145,6 +149,16 @@ class Job:
         """This iteration fits beam tilt or trefoil (refine.fit_ctf_global)."""
         return self.refines_ctf_global() and (self.cfg.ctf_fit_tilt or self.cfg.ctf_fit_trefoil)
 
+    def fits_mag(self) -> bool:
+        """This iteration fits the magnification matrices (--fit-anisomag)."""
+        return self.refines_ctf_global() and self.cfg.ctf_fit_anisomag
+
+    def set_mag_matrices(self, matrices: dict) -> None:
+        """New matrices, in the same dict (the open image source reads it per batch)."""
+        new = {int(g): np.asarray(m, float).reshape(2, 2) for g, m in matrices.items()}
+        self.mag_matrices.clear()
+        self.mag_matrices.update(new)
+
     def wants_even_fit(self) -> bool:
         """--fit-spherical-aberration or --fit-tetrafoil asked for and not yet done."""
         return (self.cfg.optimize_ctf_global
@@ -187,12 +201,12 @@ class Job:
         self.even_aberrations = {int(g): np.asarray(c, float) for g, c in coefficients.items()}
         self._even_phase = None
 
-    def ctf_grid(self, idx, params, grid=None):
+    def ctf_grid(self, idx, params, grid=None, freq_shift=(0.0, 0.0)):
         """The CTFs of particles ``idx`` with ``params`` (their current CTF parameters),
         their optics groups' even aberrations added to γ (refinement/images.py ctf_grid)."""
         from mpirefine.refinement.images import ctf_grid
 
-        return ctf_grid(params, self.prep, self.xp, grid, self.even_offsets(idx))
+        return ctf_grid(params, self.prep, self.xp, grid, self.even_offsets(idx), freq_shift)
 
     def even_offsets(self, idx):
         """(B, n, n // 2 + 1) even-aberration phases of particles ``idx``, or None."""

@@ -72,7 +72,7 @@ class SimulationParams:
     cs_error_mm: float = 0.0                           # the images' Cs above cs_mm, likewise
     tetrafoil: tuple[float, float] = (0.0, 0.0)        # Z4⁻⁴, Z4⁴ (rad·Å⁴), likewise
     ewald_curvature: str | None = None                 # None: a flat Ewald sphere
-    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)   # rlnMagMatrix_00..11
+    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)   # rlnMagMat00..11
 
     def validate(self, box: int) -> None:
         """Raise InputError naming the first bad parameter."""
@@ -157,19 +157,18 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
     even ones (Cs error, tetrafoil) added to the CTF's γ.  ewald_curvature: None (a flat
     sphere: CTF · central slice) or "negative" / "positive": each image samples the
     volume on the curved Ewald sphere of its voltage (physics/ewald.py).  mag_matrix:
-    (2, 2) RELION's rlnMagMatrix, or None: the image at frequency k holds the projection
+    (2, 2) RELION's rlnMagMat00..11, or None: the image at frequency k holds the projection
     and CTF (aberrations included) at M k (physics/anisomag.py).
     """
     if ewald_curvature is not None:
         return _curved_images(vft, rotations, origins_A, ctf, pixel_size_A, odd_zernike,
                               even_zernike, ewald_curvature)
-    n = vft.n
-    ky, kx = freq_grid_2d(n, np)
     magnified = mag_matrix is not None and not np.allclose(mag_matrix, np.eye(2))
     if magnified:
-        from mpirefine.physics.anisomag import observed_frequencies
-
-        kx, ky = observed_frequencies(kx, ky, mag_matrix)
+        return _magnified_images(vft, rotations, origins_A, ctf, pixel_size_A, odd_zernike,
+                                 even_zernike, mag_matrix)
+    n = vft.n
+    ky, kx = freq_grid_2d(n, np)
     odd = 1.0
     if odd_zernike is not None and np.any(odd_zernike):
         odd = np.exp(1j * odd_phase(odd_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A)))
@@ -182,13 +181,42 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
         sl = slice(s, s + batch)
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx / (n * pixel_size_A),
                          ky / (n * pixel_size_A), gamma_offset=even)
-        if magnified:
-            f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, n, n // 2 + 1)
-            f = phase_shift_2d(f * c * odd, -origins_A[sl] / pixel_size_A, n)
-            out[sl] = centered_irfft2(f, n).astype(np.float32)
-            continue
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
                                  ctf=c * odd)
+    return out
+
+
+def _magnified_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
+                      odd_zernike, even_zernike, mag_matrix):
+    """clean_images through a magnification distortion M: each image holds the
+    projection and CTF at M k.  The distortion acts on the whole micrograph, so each
+    image is made in a box twice the size and its centre cut out, as a particle is cut
+    from a micrograph: the CTF's delocalised signal that leaves the box is lost, not
+    wrapped around it (a periodic image cannot be warped back: physics/anisomag.py)."""
+    from mpirefine.physics.anisomag import observed_frequencies
+
+    n = vft.n
+    big = 2 * n
+    ky, kx = freq_grid_2d(big, np)
+    kx, ky = observed_frequencies(kx / 2.0, ky / 2.0, mag_matrix)   # cycles per n-box
+    kx_A, ky_A = kx / (n * pixel_size_A), ky / (n * pixel_size_A)
+    odd = 1.0
+    if odd_zernike is not None and np.any(odd_zernike):
+        odd = np.exp(1j * odd_phase(odd_zernike, kx_A, ky_A))
+    even = None
+    if even_zernike is not None and np.any(even_zernike):
+        even = even_phase(even_zernike, kx_A, ky_A)[None]
+    batch = max(1, _SAMPLES_PER_BATCH // (big * (big // 2 + 1)))
+    out = np.empty((len(rotations), n, n), dtype=np.float32)
+    lo = big // 2 - n // 2
+    for s in range(0, len(rotations), batch):
+        sl = slice(s, s + batch)
+        c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx_A, ky_A, gamma_offset=even)
+        f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, big, big // 2 + 1)
+        f = phase_shift_2d(f * c * odd, -origins_A[sl] / pixel_size_A, big)
+        # the n-box projection's transform sampled at half steps is the 2n-box one's / 4
+        images = centered_irfft2(f, big) / 4.0
+        out[sl] = images[:, lo:lo + n, lo:lo + n].astype(np.float32)
     return out
 
 
@@ -265,7 +293,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
     defocus_range_um: (min, max) mean defocus, µm, uniform; astigmatism_A: the largest
     |DfU - DfV| (Å), uniform, at a uniform random angle; shift_sigma_A: origin spread (Å).
     ewald_curvature: None (flat) or "negative" / "positive", images on the curved Ewald
-    sphere (physics/ewald.py).  mag_matrix: RELION's rlnMagMatrix_00, _01, _10, _11 of
+    sphere (physics/ewald.py).  mag_matrix: RELION's rlnMagMat00, 01, 10, 11 of
     the microscope (physics/anisomag.py), written to particles_true.star only.
     The same seed gives the same files.  Memory holds one stack (``stack_size`` images)
     at a time.  ``overwrite`` False refuses a non-empty ``out_dir``; ``source`` is a
@@ -342,7 +370,7 @@ def simulate_dataset(volume, pixel_size_A: float, n_particles: int, out_dir,
     if np.any(even):
         true_optics = true_optics.assign(rlnEvenZernike=format_zernike(even))
     if p.mag_matrix != (1.0, 0.0, 0.0, 1.0):
-        true_optics = true_optics.assign(**{f"rlnMagMatrix_{ij}": v for ij, v in
+        true_optics = true_optics.assign(**{f"rlnMagMat{ij}": v for ij, v in
                                             zip(("00", "01", "10", "11"), p.mag_matrix)})
     write_relion_star(star_true, true_optics, truth)
 
