@@ -308,3 +308,20 @@ def test_aberration_phase_figures_show_the_measured_phase(tmp_path, kind):
     left = image[int(0.15 * height):int(0.8 * height), int(0.14 * width):int(0.36 * width)]
     coloured = np.mean(np.abs(left - 1.0).sum(axis=-1) > 0.1)
     assert coloured > 0.4, coloured
+
+
+def test_aberrations_table_lists_each_groups_fits():
+    """report.html's table of fitted aberrations: one row per optics group, a dash where
+    an option was off, nothing at all when none was on."""
+    from mpirefine.report.html import _aberrations_table
+
+    assert _aberrations_table({"ctf_global": None, "ctf_even": None, "ctf_anisomag": None}) == ""
+    table = _aberrations_table({
+        "ctf_global": {"1": {"beam_tilt_x_mrad": 0.5, "beam_tilt_y_mrad": -0.25,
+                             "trefoil": [40.0, -30.0]}},
+        "ctf_anisomag": {"2": {"anisotropy_percent": 1.5, "anisotropy_angle_deg": 30.0,
+                               "isotropic_percent": 0.2,
+                               "matrix": [[1.01, 0.006], [0.006, 1.004]]}}})
+    assert table.count("<tr>") == 3
+    assert "+0.500, -0.250" in table and "+40.0, -30.0" in table
+    assert "+1.500 % at 30°" in table and "1.01000 0.00600 0.00600 1.00400" in table

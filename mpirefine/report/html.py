@@ -365,6 +365,34 @@ def _fsc_table(out_dir: str) -> str:
     return _table(["FSC curve (fsc.csv)", "at 0.143 (Å)", "at 0.5 (Å)"], rows)
 
 
+def _aberrations_table(summary: dict) -> str:
+    """Each optics group's fitted aberrations (--optimize-ctf-global), empty without any:
+    beam tilt and trefoil (the last fit), Cs error and tetrafoil (the even fit), and the
+    magnification matrix (--fit-anisomag)."""
+    odd = summary.get("ctf_global") or {}
+    even = summary.get("ctf_even") or {}
+    mag = summary.get("ctf_anisomag") or {}
+    groups = sorted({*odd, *even, *mag}, key=lambda g: int(g))
+    if not groups:
+        return ""
+    rows = []
+    for g in groups:
+        o, e, m = odd.get(g), even.get(g), mag.get(g)
+        rows.append([
+            html.escape(str(g)),
+            f"{o['beam_tilt_x_mrad']:+.3f}, {o['beam_tilt_y_mrad']:+.3f}" if o else "–",
+            "{:+.1f}, {:+.1f}".format(*o["trefoil"]) if o else "–",
+            f"{e['delta_cs_mm']:+.3f}" if e else "–",
+            "{:+.1f}, {:+.1f}".format(*e["tetrafoil"]) if e else "–",
+            (f"{m['anisotropy_percent']:+.3f} % at {m['anisotropy_angle_deg']:.0f}°; isotropic "
+             f"{m['isotropic_percent']:+.3f} %") if m else "–",
+            " ".join(f"{v:.5f}" for row in m["matrix"] for v in row) if m else "–"])
+    return ("<h2>Aberrations per optics group</h2>"
+            + _table(["optics group", "beam tilt x, y (mrad)", "trefoil (rad·Å³)",
+                      "Cs error (mm)", "tetrafoil (rad·Å⁴)", "magnification anisotropy",
+                      "rlnMagMat00 01 10 11"], rows, left=0))
+
+
 def _iterations_table(iterations: list) -> str:
     rows = [[_num(r.get("iteration", k + 1)), _num(r.get("batch_size", "–")),
              "yes" if r.get("full_pass") else "no", _num(r.get("resolution_A", "–")),
@@ -445,7 +473,8 @@ def build_html(out_dir: str, summary: dict, made: dict, missing: dict,
     title = f"mpirefine {summary.get('command', 'refine')} — {os.path.basename(out_dir)}"
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="sub">{html.escape(os.path.abspath(out_dir))}</p>',
-             _cards(summary, resolution, metrics), _fsc_table(out_dir), "<h2>Figures</h2>",
+             _cards(summary, resolution, metrics), _fsc_table(out_dir), _aberrations_table(summary),
+             "<h2>Figures</h2>",
              '<div class="figs">']
     notes = _orientation_notes(metrics or {})
     for name, (fig_title, caption) in FIGURES.items():
