@@ -453,6 +453,41 @@ def test_ewald_insertion_on_the_standin_is_the_numpy_array_path(cupy, monkeypatc
         np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-6 * np.abs(cpu).max())
 
 
+@standin
+def test_magnification_sums_on_the_standin_are_the_numpy_ones(cupy, monkeypatch):
+    """--fit-anisomag's per-pixel sums (physics/anisomag.py) run on the device as the
+    same array code: equal to NumPy's with MPIREFINE_JIT=0 to single-precision rounding."""
+    from scipy.spatial.transform import Rotation
+
+    from mpirefine.backend import to_numpy
+    from mpirefine.fourier.project import volume_ft
+    from mpirefine.fourier.transforms import centered_rfft2
+    from mpirefine.physics.anisomag import magnification_sums
+    from mpirefine.physics.ctf import CTFParams
+    from mpirefine.refinement.images import ImagePrep, ctf_grid
+
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    rng = np.random.default_rng(3)
+    n, B = 24, 5
+    prep = ImagePrep(box=n, pixel_size_A=2.0)
+    volume = rng.normal(size=(n, n, n)).astype(np.float32)
+    images = centered_rfft2(rng.normal(size=(B, n, n)).astype(np.float32))
+    params = CTFParams(defocus_u_A=rng.uniform(8000, 15000, B), defocus_v_A=rng.uniform(8000, 15000, B),
+                       defocus_angle_deg=20.0, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1)
+    rot = Rotation.random(B, random_state=1).as_matrix()
+    shifts = rng.normal(size=(B, 2))
+    sums = []
+    for xp in (np, cupy):
+        c = ctf_grid(params, prep, xp)
+        dcx = ctf_grid(params, prep, xp, freq_shift=(0.05, 0.0)) - c
+        dcy = ctf_grid(params, prep, xp, freq_shift=(0.0, 0.05)) - c
+        A, b = magnification_sums(volume_ft(xp.asarray(volume)), xp.asarray(images), c, dcx, dcy,
+                                  rot, shifts, np.ones(B))
+        sums.append((to_numpy(A), to_numpy(b)))
+    for cpu, gpu in zip(*sums):
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-5 * np.abs(cpu).max())
+
+
 # ---------------------------------------------------------------- 3. refine, end to end
 
 C4_BOX, C4_PIXEL_A, C4_PARTICLES, C4_SNR = 32, 4.4, 120, 0.3
