@@ -347,6 +347,17 @@ def align_and_backproject(job: Job, minibatch: np.ndarray, iteration: int, timer
     return accs, power, counts
 
 
+def writable_optics(ps, what: str, log=None):
+    """A copy of the particle set's RELION optics table for fitted values to go in, or
+    None (and a warning that ``what`` in summary.json only) for an input without one."""
+    if ps._star_optics is None:
+        if log is not None:
+            log.warning(f"{what} in summary.json only: the input has no RELION optics table "
+                        "to carry them (write a STAR input)")
+        return None
+    return ps._star_optics.copy()
+
+
 def with_odd_aberrations(ps, coefficients: dict, log=None):
     """The particle set with its optics table carrying the fitted odd aberrations, as
     relion_ctf_refine writes them: rlnBeamTiltX/Y (mrad) and rlnOddZernike (what is left
@@ -354,12 +365,9 @@ def with_odd_aberrations(ps, coefficients: dict, log=None):
     from mpirefine.physics.aberrations import format_zernike, zernike_to_tilt
     from mpirefine.physics.ctf import electron_wavelength_A
 
-    if ps._star_optics is None:
-        if log is not None:
-            log.warning("the fitted beam tilt and trefoil are in summary.json only: the input "
-                        "has no RELION optics table to carry them (write a STAR input)")
+    optics = writable_optics(ps, "the fitted beam tilt and trefoil are", log)
+    if optics is None:
         return ps
-    optics = ps._star_optics.copy()
     for column in ("rlnBeamTiltX", "rlnBeamTiltY"):
         if column not in optics.columns:
             optics[column] = 0.0
@@ -482,12 +490,9 @@ def with_mag_matrices(ps, matrices: dict, log=None):
     matrix (rlnMagMat00..11; the identity for groups without one)."""
     from mpirefine.physics.anisomag import MAG_COLUMNS
 
-    if ps._star_optics is None:
-        if log is not None:
-            log.warning("the fitted magnification matrices are in summary.json only: the "
-                        "input has no RELION optics table to carry them (write a STAR input)")
+    optics = writable_optics(ps, "the fitted magnification matrices are", log)
+    if optics is None:
         return ps
-    optics = ps._star_optics.copy()
     for c, v in zip(MAG_COLUMNS, (1.0, 0.0, 0.0, 1.0)):
         if c not in optics.columns:
             optics[c] = v
@@ -618,9 +623,9 @@ def with_even_aberrations(ps, coefficients: dict):
     """The particle set with its optics table's rlnEvenZernike set to the fitted terms."""
     from mpirefine.physics.aberrations import format_zernike
 
-    if ps._star_optics is None:
+    optics = writable_optics(ps, "the fitted even aberrations are")
+    if optics is None:
         return ps
-    optics = ps._star_optics.copy()
     if "rlnEvenZernike" not in optics.columns:
         optics["rlnEvenZernike"] = format_zernike(np.zeros(9))
     optics["rlnEvenZernike"] = optics["rlnEvenZernike"].astype(object)
