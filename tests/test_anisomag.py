@@ -242,3 +242,19 @@ def test_refine_fit_anisomag_finds_the_stretch(tmp_path):
     cs = np.load(out / "particles.cs")
     np.testing.assert_allclose(cs["ctf/anisomag"][0], np.ravel(fit["matrix"]) - [1, 0, 0, 1],
                                atol=1e-6)
+
+
+def test_mag_matrix_round_trips_through_cryosparc_cs(magnified, tmp_path):
+    """A STAR input's matrix goes to the .cs we write as ctf/anisomag = M − I, and a .cs
+    input's ctf/anisomag is applied as M (each exposure group's median)."""
+    from mpirefine.io import read_particles
+    from mpirefine.io.cs import write_cs
+
+    ps = read_particles(str(magnified / "particles_true.star"))
+    write_cs(tmp_path / "p.cs", ps, ps.rotations, ps.shifts_A, ps.split, ps.scale)
+    table = np.load(tmp_path / "p.cs")
+    np.testing.assert_allclose(table["ctf/anisomag"], np.tile(M.ravel() - [1, 0, 0, 1], (len(ps), 1)),
+                               atol=1e-6)
+    back = read_particles(str(tmp_path / "p.cs"), project_dir=str(magnified))
+    np.testing.assert_allclose(input_mag_matrices(back)[1], M, atol=1e-6)
+    assert not any("anisomag" in note for note in back.notes)

@@ -126,11 +126,12 @@ def read_cs(path: str | os.PathLike, project_dir: str | None = None,
         if require_stacks:
             raise InputError(message)
         notes.append(message)
-    for name in ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag", "ctf/shift_A"):
+    # ctf/anisomag is applied (physics/anisomag.py); the other aberrations are not
+    for name in ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/shift_A"):
         if name in names and np.any(table[name]):
-            notes.append(f"{path}: {name} holds non-zero values, which are not applied (the "
+            notes.append(f"{path}: {name} holds non-zero values, which are not applied (these "
                          "aberrations are read from a RELION optics table: rlnBeamTiltX/Y, "
-                         "rlnOddZernike, rlnEvenZernike, rlnMagMat00..11)")
+                         "rlnOddZernike, rlnEvenZernike)")
     image_box = np.zeros(n, dtype=np.int64)
     if "blob/shape" in names:
         shapes = table["blob/shape"].reshape(n, -1).astype(np.int64)

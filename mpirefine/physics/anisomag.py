@@ -27,7 +27,7 @@ def input_mag_matrices(particle_set) -> dict:
     particles)."""
     optics = getattr(particle_set, "_star_optics", None)
     if optics is None:
-        return {}
+        return _cs_mag_matrices(particle_set)
     names = MAG_COLUMNS
     if not set(names) & set(optics.columns):
         names = ALIAS_MAG_COLUMNS
@@ -47,6 +47,25 @@ def input_mag_matrices(particle_set) -> dict:
                              "distortion (determinant far from 1)")
         if np.any(groups == g) and not np.allclose(m, np.eye(2), atol=1e-9):
             out[g] = m
+    return out
+
+
+def _cs_mag_matrices(particle_set) -> dict:
+    """{optics group: M} from a CryoSPARC table's ctf/anisomag (M − I, row-major, as
+    io/cs.py writes it), each group's median; {} where it is absent or zero."""
+    table = getattr(particle_set, "_cs_table", None)
+    if table is None or "ctf/anisomag" not in table.dtype.names:
+        return {}
+    values = np.asarray(table["ctf/anisomag"], float).reshape(-1, 4)
+    groups = np.asarray(particle_set.optics_group)
+    out = {}
+    for g in np.unique(groups):
+        m = np.eye(2) + np.median(values[groups == g], axis=0).reshape(2, 2)
+        if not np.allclose(m, np.eye(2), rtol=0.0, atol=1e-9):
+            if abs(np.linalg.det(m)) < 0.5 or abs(np.linalg.det(m)) > 2:
+                raise InputError(f"optics group {g}: ctf/anisomag {(m - np.eye(2)).ravel().tolist()} "
+                                 "is not a magnification distortion (M − I far from small)")
+            out[int(g)] = m
     return out
 
 
