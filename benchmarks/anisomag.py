@@ -13,7 +13,8 @@ and scores each map against the truth (FSC 0.5 and 0.143).  relion_ctf_refine
 --fit_aniso --kmin_mag 10 then runs on the fitted run's particles.star and half maps
 (RELION composes its correction with our matrix).  The cost: seconds per particle of
 the undistortion (physics/anisomag.py undistort_images) and of the fit's sums
-(magnification_sums with the CTF and its two derivatives) at boxes 64, 128 and 256
+(magnification_sums: the prediction and its four derivatives made in the double box
+and cut) at boxes 64, 128 and 256
 (median of --repeats).
 
     python benchmarks/anisomag.py --out benchmarks/results/anisomag_box64.json
@@ -149,7 +150,7 @@ def cost(args):
     out = {}
     for n in args.cost_boxes:
         B, px = args.cost_particles, 1.0
-        prep = ImagePrep(box=n, pixel_size_A=px)
+        double = ImagePrep(box=2 * n, pixel_size_A=px)
         vft = volume_ft(model_volume(n, px))
         raw = rng.normal(size=(B, n, n)).astype(np.float32)
         params = CTFParams(defocus_u_A=rng.uniform(8000, 20000, B), defocus_v_A=rng.uniform(8000, 20000, B),
@@ -162,12 +163,11 @@ def cost(args):
             images = centered_rfft2(undistort_images(raw, m))
             times["undistort"].append((time.perf_counter() - t) / B)
             t = time.perf_counter()
-            h = 0.05
-            c = ctf_grid(params, prep, np)
-            dc = [(ctf_grid(params, prep, np, freq_shift=(h * ex, h * ey))
-                   - ctf_grid(params, prep, np, freq_shift=(-h * ex, -h * ey))) / (2 * h)
-                  for ex, ey in ((1, 0), (0, 1))]
-            magnification_sums(vft, images, c, dc[0], dc[1], rot, shifts, np.ones(B))
+
+            def ctf_at(rows, dx, dy, params=params, double=double):
+                return ctf_grid(params.subset(rows), double, np, freq_shift=(2 * dx, 2 * dy))
+
+            magnification_sums(vft, images, ctf_at, rot, shifts, np.ones(B))
             times["fit_sums"].append((time.perf_counter() - t) / B)
         out[str(n)] = {"seconds_per_particle": {k: float(np.median(v)) for k, v in times.items()},
                        "particles": B}

@@ -192,6 +192,12 @@ class ImageGrid:
     image_pixel_size_A: np.ndarray  # (B,) float
     on_reference_grid: np.ndarray  # (B,) bool
 
+    def subset(self, rows) -> "ImageGrid":
+        """The grids of the particles at ``rows`` of the batch."""
+        return replace(self, image_box=self.image_box[rows],
+                       image_pixel_size_A=self.image_pixel_size_A[rows],
+                       on_reference_grid=self.on_reference_grid[rows])
+
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(B,) m and (B,) n' of :func:`resampling_plan` (m = n' = n on the grid)."""
         pairs, which = np.unique(np.stack([self.image_box.astype(np.float64),

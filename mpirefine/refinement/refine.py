@@ -407,26 +407,31 @@ def add_mag_sums(job: Job, vft, idx, images, params, grid, res, scale) -> None:
     """Add a batch to each optics group's magnification sums (physics/anisomag.py
     magnification_sums): the undistorted images, demodulated of the odd terms and
     unwindowed, against the other half's reference, with their CTFs (even terms
-    included) and the CTFs' derivatives along kx and ky by central differences."""
+    included) on the double box the predictions are made in."""
+    from mpirefine.physics.aberrations import GroupEvenPhase
     from mpirefine.physics.anisomag import magnification_sums
+    from mpirefine.refinement.images import ImagePrep, ctf_grid
 
-    step = MAG_CTF_STEP
-    c = job.ctf_grid(idx, params, grid)
-    dc = [(job.ctf_grid(idx, params, grid, (step * ex, step * ey))
-           - job.ctf_grid(idx, params, grid, (-step * ex, -step * ey))) / (2 * step)
-          for ex, ey in ((1, 0), (0, 1))]
+    xp, n = job.xp, job.prep.box
+    double = ImagePrep(box=2 * n, pixel_size_A=job.prep.pixel_size_A)
+    even = (GroupEvenPhase(job.even_aberrations, 2 * n, job.prep.pixel_size_A, xp)
+            if job.even_aberrations else None)
     groups = np.asarray(job.particles.optics_group)[idx]
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
-        on = job.xp.asarray(rows)
-        sums = magnification_sums(vft, images[on], c[on], dc[0][on], dc[1][on],
-                                  res.rotations[rows], res.shifts_px[rows],
-                                  np.asarray(scale)[rows])
+
+        def ctf_at(sub, dx, dy, rows=rows):
+            picked = rows[sub]
+            # shifts in cycles of the double box, twice those of the n-box
+            return ctf_grid(params.subset(picked), double, xp,
+                            None if grid is None else grid.subset(picked),
+                            None if even is None else even(groups[picked]),
+                            (2.0 * dx, 2.0 * dy))
+
+        sums = magnification_sums(vft, images[xp.asarray(rows)], ctf_at, res.rotations[rows],
+                                  res.shifts_px[rows], np.asarray(scale)[rows])
         old = job.mag_sums.get(int(g))
         job.mag_sums[int(g)] = sums if old is None else tuple(a + b for a, b in zip(old, sums))
-
-
-MAG_CTF_STEP = 0.05   # cycles per box: the step of the CTF's derivatives for the mag fit
 
 
 def fit_mag_global(job: Job, iteration: int) -> dict | None:
@@ -435,32 +440,30 @@ def fit_mag_global(job: Job, iteration: int) -> dict | None:
     odd fit's band and GSFSC weights, and the noise model's 1/σ²) and its matrix
     replaced by (I + G) M on every rank, for the images read from the next iteration
     on.  Collective; returns {group: describe_matrix(M) + pixels} (None: no fit)."""
-    from mpirefine.fourier.transforms import freq_grid_2d
     from mpirefine.physics.anisomag import describe_matrix, fit_magnification
 
     par, n = job.par, job.prep.box
     if job.mag_sums is None:
         return None
     groups = sorted({int(g) for g in np.unique(job.particles.optics_group)})
-    packed = np.zeros((len(groups), n, n // 2 + 1, 6))
+    packed = np.zeros((len(groups), n, n // 2 + 1, 20))
     for k, g in enumerate(groups):
         if g in job.mag_sums:
             A, b = (to_numpy(a) for a in job.mag_sums[g])
-            packed[k] = np.concatenate([A.reshape(n, n // 2 + 1, 4), b], axis=-1)
+            packed[k] = np.concatenate([A.reshape(n, n // 2 + 1, 16), b], axis=-1)
     packed = par.allreduce_obj(packed)
     job.mag_sums = None
     out = None
     if par.is_root:
-        ky, kx = freq_grid_2d(n, np)
         weight = global_fit_weight(job) * to_numpy(job.noise.pixel_weights(n, np))
         out = {}
         for j, g in enumerate(groups):
-            A = packed[j, ..., :4].reshape(n, n // 2 + 1, 2, 2)
+            A = packed[j, ..., :16].reshape(n, n // 2 + 1, 4, 4)
             pixels = int(np.count_nonzero(weight * A[..., 0, 0]))
             if pixels < 8:
                 continue
             old = job.mag_matrices.get(g, np.eye(2))
-            new = fit_magnification(A, packed[j, ..., 4:], kx, ky, weight) @ old
+            new = fit_magnification(A, packed[j, ..., 16:], weight) @ old
             out[g] = {**describe_matrix(new), "pixels": pixels}
             d = out[g]
             job.log.info(f"iteration {iteration:3d}  optics group {g}: magnification anisotropy "

@@ -214,8 +214,9 @@ def _magnified_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: f
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx_A, ky_A, gamma_offset=even)
         f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, big, big // 2 + 1)
         f = phase_shift_2d(f * c * odd, -origins_A[sl] / pixel_size_A, big)
-        # the n-box projection's transform sampled at half steps is the 2n-box one's / 4
-        images = centered_irfft2(f, big) / 4.0
+        # the n-box projection's transform sampled at half steps is the transform of the
+        # projection zero-padded to 2n: the 2n-box inverse gives the image itself
+        images = centered_irfft2(f, big)
         out[sl] = images[:, lo:lo + n, lo:lo + n].astype(np.float32)
     return out
 
