@@ -170,11 +170,10 @@ def test_mag_fit_agrees_with_relion_ctf_refine(stretched, tmp_path):
     matrix, both fits start from the identity and go four rounds (each round's
     matrix applied to the images of the next, as RELION composes mat · mat0).  Both
     find the stretch we put in within 10 %, and agree with each other within 10 %.
-    Measured: a first round finds 0.42 % (ours) and 0.46 % (RELION) of the 0.8 %: the
-    first-order model falls short on a displacement of 0.2 px at 4.5 Å; refine fits
-    once per iteration, so it converges the same way.  After four: ours 0.75 % at 31.6°,
-    RELION's 0.82 % at 33.0°; RELION's isotropic part drifts (+2.2 %), ours stays at
-    +0.06 % (the CTF's derivative is in our model)."""
+    Ours needs one round: its predictions are cut from a double box, as the particles
+    were.  Measured: one round, ours 0.750 % at 30.2° (isotropic 0.48 % of 0.4 %),
+    RELION's 0.509 % at 33.0°; four rounds, ours 0.787 % at 29.8°, RELION's 0.782 % at
+    30.7°."""
     import subprocess
 
     from relion_ctf import relion_ctf_refine_at_true_poses
@@ -211,8 +210,8 @@ def test_mag_fit_agrees_with_relion_ctf_refine(stretched, tmp_path):
 def test_refine_fit_anisomag_finds_the_stretch(tmp_path):
     """refine --optimize-ctf-global --fit-anisomag: the matrix fitted after each
     iteration, applied to the images of the next, converges on the stretch put in
-    (2 % at 30°, here within 10 % and 5°; measured 1.92 % at 29.9° after 6 iterations of
-    300 particles); it goes to the
+    (2 % at 30°, here within 10 % and 5°; measured 1.91 % at 29.1°, isotropic 1.04 % of
+    1 %, after 6 iterations of 300 particles); it goes to the
     optics table, the .cs ctf/anisomag field (M − I) and summary.json."""
     import json
 
