@@ -70,6 +70,12 @@ def test_mag_matrices_are_read_per_optics_group(tmp_path):
     np.testing.assert_allclose(input_mag_matrices(true)[1], M)
     assert input_mag_matrices(read_particles(str(tmp_path / "particles.star"))) == {}
     star = starfile.read(tmp_path / "particles_true.star")
+    # the other spelling some tools write is read as RELION's labels
+    alias = dict(zip(MAG_COLUMNS, ("rlnMagMatrix_00", "rlnMagMatrix_01", "rlnMagMatrix_10",
+                                   "rlnMagMatrix_11")))
+    starfile.write({**star, "optics": star["optics"].rename(columns=alias)},
+                   tmp_path / "alias.star", overwrite=True)
+    np.testing.assert_allclose(input_mag_matrices(read_particles(str(tmp_path / "alias.star")))[1], M)
     star["optics"] = star["optics"].drop(columns=[MAG_COLUMNS[1]])
     starfile.write(star, tmp_path / "partial.star", overwrite=True)
     with pytest.raises(InputError, match="rlnMagMat"):
