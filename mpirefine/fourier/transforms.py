@@ -138,6 +138,23 @@ def _ndindex(shape):
     return itertools.product(*(range(s) for s in shape))
 
 
+def double_box_frequencies(n: int, xp):
+    """(kx, ky) of the (2n, n + 1) half-plane grid of a box twice the side of n, in
+    cycles of the n-box (half steps): where an n-box projection's transform, sampled,
+    is the transform of the projection zero-padded to 2n."""
+    ky, kx = freq_grid_2d(2 * n, xp)
+    return kx / 2.0, ky / 2.0
+
+
+def cut_from_double_box(transforms, shifts_px, n: int):
+    """Images (B, n, n) from their double-box transforms (B, 2n, n + 1): shifted by
+    ``shifts_px`` (B, 2) px and the central n × n cut out, as a particle is cut from a
+    micrograph (signal the CTF carries outside the box is lost, not wrapped round)."""
+    big, lo = 2 * n, n // 2
+    images = centered_irfft2(phase_shift_2d(transforms, shifts_px, big), big)
+    return images[:, lo:lo + n, lo:lo + n]
+
+
 def phase_shift_2d(transforms, shifts_px, n: int):
     """Shift images by (sx, sy) pixels in Fourier space: g(x) = f(x - s).
 

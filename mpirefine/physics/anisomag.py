@@ -42,12 +42,19 @@ def input_mag_matrices(particle_set) -> dict:
     for _, row in optics.iterrows():
         g = int(row["rlnOpticsGroup"])
         m = np.array([[row[names[0]], row[names[1]]], [row[names[2]], row[names[3]]]], float)
-        if not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 0.5 or abs(np.linalg.det(m)) > 2:
-            raise InputError(f"optics group {g}: magnification matrix {m.tolist()} is not a distortion "
-                             "distortion (determinant far from 1)")
+        _check_distortion(m, g, f"{names[0][:-2]}00..11")
         if np.any(groups == g) and not np.allclose(m, np.eye(2), atol=1e-9):
             out[g] = m
     return out
+
+
+def _check_distortion(m, group: int, source: str) -> None:
+    """InputError unless ``m`` is a plausible magnification distortion (finite, its
+    determinant within a factor 2 of 1)."""
+    det = abs(np.linalg.det(m)) if np.all(np.isfinite(m)) else np.nan
+    if not 0.5 <= det <= 2:
+        raise InputError(f"optics group {group}: magnification matrix {m.tolist()} from {source} "
+                         "is not a distortion (determinant far from 1)")
 
 
 def _cs_mag_matrices(particle_set) -> dict:
@@ -62,9 +69,7 @@ def _cs_mag_matrices(particle_set) -> dict:
     for g in np.unique(groups):
         m = np.eye(2) + np.median(values[groups == g], axis=0).reshape(2, 2)
         if not np.allclose(m, np.eye(2), rtol=0.0, atol=1e-9):
-            if abs(np.linalg.det(m)) < 0.5 or abs(np.linalg.det(m)) > 2:
-                raise InputError(f"optics group {g}: ctf/anisomag {(m - np.eye(2)).ravel().tolist()} "
-                                 "is not a magnification distortion (M − I far from small)")
+            _check_distortion(m, int(g), "ctf/anisomag (+ I)")
             out[int(g)] = m
     return out
 
@@ -178,15 +183,14 @@ def magnification_sums(vft, images_ft, ctf_at, rotations, shifts_px, scale):
     from mpirefine.fourier.transforms import (
         centered_irfft2,
         centered_rfft2,
-        freq_grid_2d,
-        phase_shift_2d,
+        cut_from_double_box,
+        double_box_frequencies,
     )
 
     xp = array_namespace(images_ft)
     n, B = images_ft.shape[-2], images_ft.shape[0]
-    big, lo = 2 * n, n // 2
-    ky, kx = freq_grid_2d(big, xp)
-    kx, ky = kx / 2.0, ky / 2.0                       # cycles of the n-box
+    big = 2 * n
+    kx, ky = double_box_frequencies(n, xp)            # cycles of the n-box
     x = xp.arange(big, dtype=xp.float32) - n
     h = 0.05
     A = xp.zeros((n, n // 2 + 1, 4, 4), xp.float64)
@@ -196,9 +200,7 @@ def magnification_sums(vft, images_ft, ctf_at, rotations, shifts_px, scale):
     scale = np.asarray(scale, float)
 
     def cut(f, shift):
-        """Double-box transforms, shifted by ``shift`` px, cut to the n-box's."""
-        img = centered_irfft2(phase_shift_2d(f, shift, big), big)
-        return centered_rfft2(img[:, lo:lo + n, lo:lo + n])
+        return centered_rfft2(cut_from_double_box(f, shift, n))
 
     for start in range(0, B, FIT_CHUNK):
         rows = np.arange(start, min(start + FIT_CHUNK, B))

@@ -408,14 +408,12 @@ def add_mag_sums(job: Job, vft, idx, images, params, grid, res, scale) -> None:
     magnification_sums): the undistorted images, demodulated of the odd terms and
     unwindowed, against the other half's reference, with their CTFs (even terms
     included) on the double box the predictions are made in."""
-    from mpirefine.physics.aberrations import GroupEvenPhase
     from mpirefine.physics.anisomag import magnification_sums
-    from mpirefine.refinement.images import ImagePrep, ctf_grid
+    from mpirefine.refinement.images import ImagePrep
 
-    xp, n = job.xp, job.prep.box
-    double = ImagePrep(box=2 * n, pixel_size_A=job.prep.pixel_size_A)
-    even = (GroupEvenPhase(job.even_aberrations, 2 * n, job.prep.pixel_size_A, xp)
-            if job.even_aberrations else None)
+    xp = job.xp
+    double = ImagePrep(box=2 * job.prep.box, pixel_size_A=job.prep.pixel_size_A)
+    idx = np.asarray(idx)
     groups = np.asarray(job.particles.optics_group)[idx]
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
@@ -423,10 +421,9 @@ def add_mag_sums(job: Job, vft, idx, images, params, grid, res, scale) -> None:
         def ctf_at(sub, dx, dy, rows=rows):
             picked = rows[sub]
             # shifts in cycles of the double box, twice those of the n-box
-            return ctf_grid(params.subset(picked), double, xp,
-                            None if grid is None else grid.subset(picked),
-                            None if even is None else even(groups[picked]),
-                            (2.0 * dx, 2.0 * dy))
+            return job.ctf_grid(idx[picked], params.subset(picked),
+                                None if grid is None else grid.subset(picked),
+                                (2.0 * dx, 2.0 * dy), double)
 
         sums = magnification_sums(vft, images[xp.asarray(rows)], ctf_at, res.rotations[rows],
                                   res.shifts_px[rows], np.asarray(scale)[rows])

@@ -90,7 +90,7 @@ class Job:
     even_aberrations: dict = field(default_factory=dict)
     even_sums: dict | None = None          # this iteration's per-group even-fit sums (refine.add_even_sums)
     even_pending: bool = False             # the next full pass collects the even fit's sums
-    _even_phase: object = None             # GroupEvenPhase of the current coefficients
+    _even_phase: dict = field(default_factory=dict)   # box → GroupEvenPhase of the coefficients
     # optics group → (2, 2) magnification matrix M the images are undistorted by as they
     # are read (physics/anisomag.py); updated in place, so the open image source sees it
     mag_matrices: dict = field(default_factory=dict)
@@ -199,25 +199,29 @@ class Job:
 
     def set_even_aberrations(self, coefficients: dict) -> None:
         self.even_aberrations = {int(g): np.asarray(c, float) for g, c in coefficients.items()}
-        self._even_phase = None
+        self._even_phase = {}
 
-    def ctf_grid(self, idx, params, grid=None, freq_shift=(0.0, 0.0)):
+    def ctf_grid(self, idx, params, grid=None, freq_shift=(0.0, 0.0), prep=None):
         """The CTFs of particles ``idx`` with ``params`` (their current CTF parameters),
-        their optics groups' even aberrations added to γ (refinement/images.py ctf_grid)."""
+        their optics groups' even aberrations added to γ (refinement/images.py ctf_grid),
+        on the job's grid or on ``prep``'s (the magnification fit's double box)."""
         from mpirefine.refinement.images import ctf_grid
 
-        return ctf_grid(params, self.prep, self.xp, grid, self.even_offsets(idx), freq_shift)
+        prep = self.prep if prep is None else prep
+        return ctf_grid(params, prep, self.xp, grid, self.even_offsets(idx, prep.box), freq_shift)
 
-    def even_offsets(self, idx):
-        """(B, n, n // 2 + 1) even-aberration phases of particles ``idx``, or None."""
+    def even_offsets(self, idx, box=None):
+        """(B, n, n // 2 + 1) even-aberration phases of particles ``idx`` on the job's
+        grid (or a ``box`` of the same pixel size), or None."""
         if not self.even_aberrations:
             return None
-        if self._even_phase is None:
+        box = self.prep.box if box is None else box
+        if box not in self._even_phase:
             from mpirefine.physics.aberrations import GroupEvenPhase
 
-            self._even_phase = GroupEvenPhase(self.even_aberrations, self.prep.box,
-                                              self.prep.pixel_size_A, self.xp)
-        return self._even_phase(np.asarray(self.particles.optics_group)[idx])
+            self._even_phase[box] = GroupEvenPhase(self.even_aberrations, box,
+                                                   self.prep.pixel_size_A, self.xp)
+        return self._even_phase[box](np.asarray(self.particles.optics_group)[idx])
 
     def demodulate(self, idx, *images):
         """Each particle's image transforms × exp(−i φ) of its optics group's odd

@@ -31,7 +31,13 @@ from mpirefine import __version__
 from mpirefine.errors import InputError
 from mpirefine.fourier.filters import lowpass
 from mpirefine.fourier.project import extract_slices, project_images, volume_ft
-from mpirefine.fourier.transforms import centered_irfft2, freq_grid_2d, phase_shift_2d
+from mpirefine.fourier.transforms import (
+    centered_irfft2,
+    cut_from_double_box,
+    double_box_frequencies,
+    freq_grid_2d,
+    phase_shift_2d,
+)
 from mpirefine.geometry.rotations import euler_to_matrix, matrix_to_euler
 from mpirefine.io.mrc import write_mrc, write_stack
 from mpirefine.io.star import write_relion_star
@@ -147,6 +153,19 @@ def _draw_truth(p: SimulationParams):
     return angles, rotations, origins, ctf, subset, streams[4]
 
 
+def _aberration_terms(odd_zernike, even_zernike, kx_A, ky_A):
+    """(exp(i φ_odd) or 1.0, φ_even[None] or None) on a frequency grid (1/Å): what the
+    microscope's odd aberrations multiply the projections by, and what its even ones
+    add to the CTF's γ."""
+    odd = 1.0
+    if odd_zernike is not None and np.any(odd_zernike):
+        odd = np.exp(1j * odd_phase(odd_zernike, kx_A, ky_A))
+    even = None
+    if even_zernike is not None and np.any(even_zernike):
+        even = even_phase(even_zernike, kx_A, ky_A)[None]
+    return odd, even
+
+
 def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
                  odd_zernike=None, even_zernike=None, ewald_curvature=None, mag_matrix=None):
     """Noise-free particles (m, n, n) float32: CTF · projection, shifted by -origin.
@@ -169,18 +188,13 @@ def clean_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: float,
                                  even_zernike, mag_matrix)
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
-    odd = 1.0
-    if odd_zernike is not None and np.any(odd_zernike):
-        odd = np.exp(1j * odd_phase(odd_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A)))
-    even = None
-    if even_zernike is not None and np.any(even_zernike):
-        even = even_phase(even_zernike, kx / (n * pixel_size_A), ky / (n * pixel_size_A))[None]
+    kx_A, ky_A = kx / (n * pixel_size_A), ky / (n * pixel_size_A)
+    odd, even = _aberration_terms(odd_zernike, even_zernike, kx_A, ky_A)
     batch = max(1, _SAMPLES_PER_BATCH // (n * (n // 2 + 1)))
     out = np.empty((len(rotations), n, n), dtype=np.float32)
     for s in range(0, len(rotations), batch):
         sl = slice(s, s + batch)
-        c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx / (n * pixel_size_A),
-                         ky / (n * pixel_size_A), gamma_offset=even)
+        c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx_A, ky_A, gamma_offset=even)
         out[sl] = project_images(vft, rotations[sl], shifts_px=-origins_A[sl] / pixel_size_A,
                                  ctf=c * odd)
     return out
@@ -196,28 +210,16 @@ def _magnified_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: f
     from mpirefine.physics.anisomag import observed_frequencies
 
     n = vft.n
-    big = 2 * n
-    ky, kx = freq_grid_2d(big, np)
-    kx, ky = observed_frequencies(kx / 2.0, ky / 2.0, mag_matrix)   # cycles per n-box
+    kx, ky = observed_frequencies(*double_box_frequencies(n, np), mag_matrix)
     kx_A, ky_A = kx / (n * pixel_size_A), ky / (n * pixel_size_A)
-    odd = 1.0
-    if odd_zernike is not None and np.any(odd_zernike):
-        odd = np.exp(1j * odd_phase(odd_zernike, kx_A, ky_A))
-    even = None
-    if even_zernike is not None and np.any(even_zernike):
-        even = even_phase(even_zernike, kx_A, ky_A)[None]
-    batch = max(1, _SAMPLES_PER_BATCH // (big * (big // 2 + 1)))
+    odd, even = _aberration_terms(odd_zernike, even_zernike, kx_A, ky_A)
+    batch = max(1, _SAMPLES_PER_BATCH // (2 * n * (n + 1)))
     out = np.empty((len(rotations), n, n), dtype=np.float32)
-    lo = big // 2 - n // 2
     for s in range(0, len(rotations), batch):
         sl = slice(s, s + batch)
         c = evaluate_ctf(ctf.subset(np.arange(len(rotations))[sl]), kx_A, ky_A, gamma_offset=even)
-        f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, big, big // 2 + 1)
-        f = phase_shift_2d(f * c * odd, -origins_A[sl] / pixel_size_A, big)
-        # the n-box projection's transform sampled at half steps is the transform of the
-        # projection zero-padded to 2n: the 2n-box inverse gives the image itself
-        images = centered_irfft2(f, big)
-        out[sl] = images[:, lo:lo + n, lo:lo + n].astype(np.float32)
+        f = extract_slices(vft, rotations[sl], kx.ravel(), ky.ravel()).reshape(-1, 2 * n, n + 1)
+        out[sl] = cut_from_double_box(f * c * odd, -origins_A[sl] / pixel_size_A, n)
     return out
 
 
@@ -230,12 +232,8 @@ def _curved_images(vft, rotations, origins_A, ctf: CTFParams, pixel_size_A: floa
     n = vft.n
     ky, kx = freq_grid_2d(n, np)
     kx_A, ky_A = kx / (n * pixel_size_A), ky / (n * pixel_size_A)
-    odd = 1.0
-    if odd_zernike is not None and np.any(odd_zernike):
-        odd = np.exp(1j * odd_phase(odd_zernike, kx_A, ky_A))
-    even = 0.0
-    if even_zernike is not None and np.any(even_zernike):
-        even = even_phase(even_zernike, kx_A, ky_A)[None]
+    odd, even = _aberration_terms(odd_zernike, even_zernike, kx_A, ky_A)
+    even = 0.0 if even is None else even
     batch = max(1, _SAMPLES_PER_BATCH // (2 * n * (n // 2 + 1)))
     out = np.empty((len(rotations), n, n), dtype=np.float32)
     k2 = (kx_A ** 2 + ky_A ** 2)[None]
