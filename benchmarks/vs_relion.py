@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -482,16 +483,14 @@ def run_relion(work, case, args, scorer):
     if not samples and os.path.exists(os.path.join(d, "cpu_samples.json")):
         with open(os.path.join(d, "cpu_samples.json")) as f:   # from an outside monitor
             samples = json.load(f)
-    iterations, prev, prev_cpu = [], t["start_epoch"], 0.0
+    ends = {it: max(os.path.getmtime(os.path.join(d, f)) for f in files
+                    if f.startswith(f"run_it{it:03d}_")) for it in its}
+    segments = continued_segments(d)
+    times = (segment_times(ends, t["start_epoch"], samples, segments) if segments
+             else single_run_times(ends, t["start_epoch"], samples))
+    iterations = []
     for it in its:
-        mine = [os.path.join(d, f) for f in files if f.startswith(f"run_it{it:03d}_")]
-        end = max(os.path.getmtime(p) for p in mine)
-        cpu = cpu_at(samples, end)
-        rec = {"iteration": it, "seconds_since_start": round(end - t["start_epoch"], 2),
-               "seconds": round(end - prev, 2), "cpu_seconds_since_start": cpu,
-               "cpu_seconds": None if cpu is None or prev_cpu is None
-               else round(cpu - prev_cpu, 2)}
-        prev, prev_cpu = end, cpu
+        rec = {"iteration": it, **times[it]}
         model = os.path.join(d, f"run_it{it:03d}_half1_model.star")
         if os.path.exists(model):
             rec["reported_resolution_A"] = star_value(model, "_rlnCurrentResolution")
@@ -517,8 +516,91 @@ def run_relion(work, case, args, scorer):
             "note": f"{args.relion_np} MPI processes (1 master + workers) on "
                     f"{os.cpu_count()} cores, --j 1",
             **{k: v for k, v in t.items() if k not in ("start_epoch", "cpu_samples")},
+            **(segments_summary(times, segments, final is not None) if segments else {}),
             "iterations": iterations, "final": final,
             "best_iteration": best_iteration(iterations)}
+
+
+def single_run_times(ends, start, samples):
+    """Per iteration: when its files appeared, since the start and since the previous
+    iteration's, and the CPU seconds the run's processes used meanwhile."""
+    out, prev, prev_cpu = {}, start, 0.0
+    for it in sorted(ends):
+        cpu = cpu_at(samples, ends[it])
+        out[it] = {"seconds_since_start": round(ends[it] - start, 2),
+                   "seconds": round(ends[it] - prev, 2), "cpu_seconds_since_start": cpu,
+                   "cpu_seconds": None if cpu is None or prev_cpu is None
+                   else round(cpu - prev_cpu, 2)}
+        prev, prev_cpu = ends[it], cpu
+    return out
+
+
+def continued_segments(d):
+    """A run stopped and resumed with ``relion_refine_mpi --continue
+    run_itNNN_optimiser.star``: [(NNN, CPU samples of that continuation)], one per
+    cpu_samples_from_NNN.json ([epoch, CPU s of the process tree], written by whoever
+    ran the continuation).  RELION rewrites iteration NNN's files when it continues;
+    their modification times must be set back to when they were first written.  A continuation redoes the
+    iteration after NNN from its start, so an attempt that was stopped costs nothing
+    here; only the continuation that finished an iteration is charged for it."""
+    out = []
+    for f in sorted(os.listdir(d)):
+        m = re.fullmatch(r"cpu_samples_from_(\d+)\.json", f)
+        if m:
+            with open(os.path.join(d, f)) as fh:
+                out.append((int(m.group(1)), json.load(fh)))
+    return out
+
+
+def segment_times(ends, start, samples, segments):
+    """single_run_times for a run made of the first run (samples, from ``start``) and
+    its continuations.  An iteration is charged to the last run that started before
+    it, from that run's start or its previous iteration's end.  Where an iteration's
+    files appeared after its run's last CPU sample (the machine was paused between
+    working sessions with RELION running), the CPU seconds up to the last sample are a
+    lower bound, and the wall seconds are taken as half of them (the least 2 cores
+    allow); such rows say ``"lower_bound": true``.  seconds_since_start adds up the
+    iterations' wall seconds, leaving out the pauses and the stopped attempts."""
+    runs = [(-1, samples)] + segments
+    first = min(ends)
+    start = min(start, ends[first])      # a monitor may have started after RELION
+    out, elapsed = {}, ends[first] - start
+    for it in sorted(ends):
+        if it == first:
+            out[it] = {"seconds_since_start": round(elapsed, 2), "seconds": round(elapsed, 2),
+                       "cpu_seconds": None}
+            continue
+        began, s = max((r for r in runs if r[0] < it), key=lambda r: r[0])
+        if it - 1 > began and it - 1 in ends:
+            t0, c0 = ends[it - 1], cpu_at(s, ends[it - 1])
+        else:
+            t0, c0 = s[0][0], s[0][1]
+        c1 = cpu_at(s, ends[it])
+        lower = c1 is None and c0 is not None
+        cpu = None if c0 is None else round((s[-1][1] if lower else c1) - c0, 2)
+        wall = round(cpu / 2 if lower else ends[it] - t0, 2)
+        elapsed += wall
+        out[it] = {"seconds_since_start": round(elapsed, 2), "seconds": wall,
+                   "cpu_seconds": cpu, "cpu_seconds_since_start": None,
+                   **({"lower_bound": True} if lower else {})}
+    total = 0.0
+    for it in sorted(out):
+        total += out[it]["cpu_seconds"] or 0.0
+        out[it]["cpu_seconds_since_start"] = round(total, 2)
+    return out
+
+
+def segments_summary(times, segments, finished):
+    """Totals of a continued run: wall and CPU seconds summed over its iterations."""
+    last = times[max(times)]
+    return {"wall_seconds": last["seconds_since_start"],
+            "cpu_seconds": last["cpu_seconds_since_start"], "finished": finished,
+            "continued_from_iterations": [s[0] for s in segments],
+            "totals_are_lower_bounds": any(r.get("lower_bound") for r in times.values()),
+            "note": ("stopped and continued with relion_refine_mpi --continue; wall and CPU "
+                     "seconds are summed over the iterations each run finished (the "
+                     "stopped attempts and the pauses between them left out)"
+                     + ("" if finished else "; not finished: up to its last iteration"))}
 
 
 def unfinished_timing(d):
