@@ -559,7 +559,8 @@ def segment_times(ends, start, samples, segments):
     files appeared after its run's last CPU sample (the machine was paused between
     working sessions with RELION running), the CPU seconds up to the last sample are a
     lower bound, and the wall seconds are taken as half of them (the least 2 cores
-    allow); such rows say ``"lower_bound": true``.  seconds_since_start adds up the
+    allow); such rows say ``"lower_bound": true``.  Where the sampler went on after a
+    pause, the pause is left out of the wall seconds.  seconds_since_start adds up the
     iterations' wall seconds, leaving out the pauses and the stopped attempts."""
     runs = [(-1, samples)] + segments
     first = min(ends)
@@ -578,7 +579,7 @@ def segment_times(ends, start, samples, segments):
         c1 = cpu_at(s, ends[it])
         lower = c1 is None and c0 is not None
         cpu = None if c0 is None else round((s[-1][1] if lower else c1) - c0, 2)
-        wall = round(cpu / 2 if lower else ends[it] - t0, 2)
+        wall = round(cpu / 2 if lower else ends[it] - t0 - paused(s, t0, ends[it]), 2)
         elapsed += wall
         out[it] = {"seconds_since_start": round(elapsed, 2), "seconds": wall,
                    "cpu_seconds": cpu, "cpu_seconds_since_start": None,
@@ -587,6 +588,16 @@ def segment_times(ends, start, samples, segments):
     for it in sorted(out):
         total += out[it]["cpu_seconds"] or 0.0
         out[it]["cpu_seconds_since_start"] = round(total, 2)
+    return out
+
+
+def paused(samples, t0, t1, gap_s=60.0):
+    """Seconds between t0 and t1 in which the sampler wrote nothing for over gap_s
+    (it samples every few seconds, so the machine itself was paused)."""
+    out = 0.0
+    for (a, _), (b, _) in zip(samples, samples[1:]):
+        if b - a > gap_s:
+            out += max(0.0, min(b, t1) - max(a, t0))
     return out
 
 
