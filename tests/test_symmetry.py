@@ -108,7 +108,7 @@ def test_tetrahedral_and_octahedral_axes():
 
 @pytest.mark.parametrize("name, five_plane, three_plane", [("I1", 0, 1), ("I2", 1, 0)])
 def test_icosahedral_axes(name, five_plane, three_plane):
-    """CryoSPARC's I1 and I2 (as RELION's): 2-folds on X, Y, Z; the 5-fold with the greatest Z lies in the YZ
+    """I1 and I2: 2-folds on X, Y, Z; the 5-fold with the greatest Z lies in the YZ
     plane (I1) or XZ plane (I2), the 3-fold with the greatest Z in the other one."""
     G = point_group(name)
     for axis in np.eye(3):
