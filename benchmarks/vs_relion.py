@@ -485,6 +485,11 @@ def run_relion(work, case, args, scorer):
             samples = json.load(f)
     ends = {it: max(os.path.getmtime(os.path.join(d, f)) for f in files
                     if f.startswith(f"run_it{it:03d}_")) for it in its}
+    final_pass = None                 # written without an iteration number
+    if its and os.path.exists(os.path.join(d, "run_data.star")):
+        final_pass = its[-1] + 1
+        ends[final_pass] = max(os.path.getmtime(os.path.join(d, f)) for f in files
+                               if f.startswith("run_") and not f.startswith("run_it"))
     segments = continued_segments(d)
     times = (segment_times(ends, t["start_epoch"], samples, segments) if segments
              else single_run_times(ends, t["start_epoch"], samples))
@@ -508,7 +513,8 @@ def run_relion(work, case, args, scorer):
                      "relion/run_half1_class001_unfil.mrc", "relion/run_half2_class001_unfil.mrc"),
                  "poses": scorer.star_poses("relion/run_data.star"),
                  "reported_resolution_A": star_value(os.path.join(d, "run_model.star"),
-                                                     "_rlnCurrentResolution")}
+                                                     "_rlnCurrentResolution"),
+                 "iteration": final_pass, **times[final_pass]}
     version = subprocess.run(["relion_refine", "--version"], capture_output=True,
                              text=True).stdout.split("\n")[0].strip()
     return {"program": version, "command": show(cmd),
@@ -592,13 +598,27 @@ def segment_times(ends, start, samples, segments):
 
 
 def paused(samples, t0, t1, gap_s=60.0):
-    """Seconds between t0 and t1 in which the sampler wrote nothing for over gap_s
-    (it samples every few seconds, so the machine itself was paused)."""
-    out = 0.0
-    for (a, _), (b, _) in zip(samples, samples[1:]):
+    """Seconds between t0 and t1 in which RELION was paused: the sampler wrote nothing
+    for over gap_s (it samples every few seconds, so the machine itself was paused), or
+    the process tree used no CPU for over gap_s (it was stopped with SIGSTOP)."""
+    out, stall = 0.0, []
+    for (a, ca), (b, cb) in zip(samples, samples[1:]):
         if b - a > gap_s:
             out += max(0.0, min(b, t1) - max(a, t0))
-    return out
+        if cb - ca < 0.01 * (b - a):
+            stall.append((a, b))
+            continue
+        out += stalled(stall, t0, t1, gap_s)
+        stall = []
+    return out + stalled(stall, t0, t1, gap_s)
+
+
+def stalled(stall, t0, t1, gap_s):
+    """The part of [t0, t1] covered by a run of consecutive CPU-idle sample intervals,
+    if the run lasts over gap_s (gaps already counted by paused are not counted again)."""
+    if not stall or stall[-1][1] - stall[0][0] <= gap_s:
+        return 0.0
+    return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in stall if b - a <= gap_s)
 
 
 def segments_summary(times, segments, finished):
