@@ -237,7 +237,9 @@ def cpu_at(samples, t):
     if not samples or t < samples[0][0] - 2 or t > samples[-1][0] + 2:
         return None
     a = np.asarray(samples, float)
-    return round(float(np.interp(t, a[:, 0], a[:, 1])), 2)
+    # the tree's CPU time drops when a process exits (its time leaves the sum): the
+    # running maximum keeps what was used
+    return round(float(np.interp(t, a[:, 0], np.maximum.accumulate(a[:, 1]))), 2)
 
 
 def timed(cmd, cwd, log_path, env=None, poll_s=1.0):

@@ -309,9 +309,11 @@ def _symmetrize_full_grid(data, weight, group, chunk=1 << 17):
 def test_symmetrise_in_slabs_equals_the_full_grid_walk(monkeypatch, name, slab_points, chunk):
     """Walking the grid in slabs of kz planes gives the very sums of the full-grid
     walk, bit for bit (each voxel adds the operators in the same order), with the
-    default slabs and with slabs and chunks far smaller than the grid."""
+    default slabs and with slabs and chunks far smaller than the grid (the array code,
+    which CuPy runs; NumPy runs the compiled loop, compared below)."""
     from mpirefine.geometry import symmetry
 
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
     if slab_points is not None:
         monkeypatch.setattr(symmetry, "_SLAB_POINTS", slab_points)
         monkeypatch.setattr(symmetry, "_CHUNK", chunk)
@@ -323,6 +325,27 @@ def test_symmetrise_in_slabs_equals_the_full_grid_walk(monkeypatch, name, slab_p
     got = symmetrize_accumulator(data, weight, name)
     want = _symmetrize_full_grid(data, weight, name)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", ["O", "D7", "C4", "C1"])
+@pytest.mark.parametrize("P", [34, 33])
+def test_compiled_symmetrisation_equals_the_array_code(monkeypatch, name, P):
+    """The compiled loop (NumPy's path when Numba imports) gives the array code's sums
+    to rounding: the same points, operators, clipping, mirror and stencil."""
+    from mpirefine.fourier import compiled
+
+    if not compiled.enabled(np):
+        pytest.skip("Numba is not installed")
+    rng = np.random.default_rng(8)
+    shape = (P, P, P // 2 + 1)
+    data = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    weight = rng.random(size=shape)
+    got = symmetrize_accumulator(data, weight, name)
+    monkeypatch.setenv("MPIREFINE_JIT", "0")
+    want = symmetrize_accumulator(data, weight, name)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-12 * np.abs(want[0]).max())
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12 * want[1].max())
+    assert np.array_equal(got[1] == 0, want[1] == 0)     # the same sphere is filled
 
 
 # --- the apoferritin model and symmetry alignment -----------------------------------------

@@ -17,8 +17,9 @@ def add_args(parser):
     parser.add_argument("--box", type=int, default=64, help="box size, px [64]")
     parser.add_argument("--pixel-size", type=float, default=1.8, help="pixel size, Å [1.8]")
     parser.add_argument("--model", choices=["asymmetric", "full"], default="asymmetric",
-                        help="three neighbouring apoferritin subunits (no symmetry), or the full "
-                             "octahedral 24-mer (refined in C1 until symmetry is supported) [asymmetric]")
+                        help="three neighbouring apoferritin subunits (no symmetry, refined in "
+                             "C1), or the full octahedral 24-mer (refined with --symmetry O) "
+                             "[asymmetric]")
     parser.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio over the box [0.05]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation and refinement [0]")
     add_device_args(parser)
@@ -60,7 +61,8 @@ def main(args) -> int:
     par.barrier()
     cfg = RefineConfig(particles=os.path.join(data_dir, "particles.star"),
                        volume=os.path.join(data_dir, "start_20A.mrc"), out_dir=refine_dir,
-                       device=args.device, seed=args.seed, overwrite=True)
+                       device=args.device, seed=args.seed, overwrite=True,
+                       symmetry="O" if args.model == "full" else "C1")
     summary = refine.run(cfg, par, log)
     if not par.is_root:
         return 0

@@ -7,11 +7,15 @@ two passes: the corners and fractions of every frequency (vectorised by the
 compiler), then the gathers and weighted sums.  Groups of rotations run in parallel
 on this rank's share of the cores.  It writes the scoring tables directly:
 [Re P, Im P] stacked along the frequencies, and |P|².  Backprojection's scatter
-(:func:`insert_slices`) is compiled likewise, on one thread.
+(:func:`insert_slices`) is compiled likewise, on one thread, and so is the
+symmetrisation of the backprojection sums (:func:`symmetrize`: the sums read by
+trilinear interpolation at g·q for every operator g and sphere point q), one plane of
+the grid per work item.
 
-They are the same operators as :func:`mpirefine.fourier.project.extract_slices` and
-:meth:`mpirefine.fourier.backproject.Accumulator.insert` (same stencil, clipping and
-Hermitian flip; the tests compare them), used only for NumPy arrays when Numba
+They are the same operators as :func:`mpirefine.fourier.project.extract_slices`,
+:meth:`mpirefine.fourier.backproject.Accumulator.insert` and
+:func:`mpirefine.geometry.symmetry.symmetrize_accumulator` (same stencil, clipping
+and Hermitian flip; the tests compare them), used only for NumPy arrays when Numba
 imports.  CuPy arrays, and NumPy ones with ``MPIREFINE_JIT=0`` in the environment,
 take the array-namespace code instead.
 """
@@ -88,9 +92,28 @@ def insert_slices(data, weight, pad: int, rotations, values, weights, kx, ky, kz
            np.ascontiguousarray(kz.reshape(-1, len(kx))), np.float32(pad))
 
 
+def symmetrize(table, group, lengths, P: int, nx: int):
+    """Σ_g of the framed table of sums read at g·q, for every point q of the sphere
+    (rows of ``lengths`` points, kx = 0, 1, ...; the other points stay zero): the
+    (P, P, nx) complex128 data and float64 weight of
+    :func:`mpirefine.geometry.symmetry.symmetrize_accumulator`, before its halving of
+    the kx = 0 plane.  table: ((P + 3)² (nx + 2), 3) float64 (re, im, w) rows of
+    :func:`mpirefine.geometry.symmetry._framed_table`; group (N, 3, 3).  The
+    operators are summed in the group's order at every point, one kz plane per work
+    item, so the result does not depend on the number of threads."""
+    data = np.zeros((P, P, nx), np.complex128)
+    weight = np.zeros((P, P, nx), np.float64)
+    _get_kernel("symmetrize")(np.ascontiguousarray(table, dtype=np.float64),
+                              np.ascontiguousarray(group, dtype=np.float64),
+                              np.ascontiguousarray(lengths, dtype=np.int64), P, nx,
+                              data.view(np.float64).reshape(P, P, nx, 2), weight)
+    return data, weight
+
+
 def _get_kernel(name: str):
     if not _kernels and numba is not None:
-        for key, func, parallel in (("slices", _slices, True), ("insert", _insert, False)):
+        for key, func, parallel in (("slices", _slices, True), ("insert", _insert, False),
+                                    ("symmetrize", _symmetrize, True)):
             options = dict(parallel=parallel, fastmath=True, boundscheck=False)
             try:
                 _kernels[key] = numba.njit(cache=True, **options)(func)
@@ -227,3 +250,50 @@ def _insert(data, weight, rot, vre, vim, vw, kx, ky, kz, pad):
                         data[iz, iy, 2 * ix] += c * re
                         data[iz, iy, 2 * ix + 1] += c * im
                         weight[iz, iy, ix] += c * w
+
+
+def _symmetrize(table, group, lengths, P, nx, out_d, out_w):
+    """Kernel of :func:`symmetrize`: the steps of the array code
+    (:func:`mpirefine.geometry.symmetry._trilinear_rows`) point by point: the rotated
+    point, mirrored to x >= 0 (its sample then conjugated), clipped into the frame (x
+    to [0, nx]; y and z shifted by P / 2 + 1 and clipped to [0, P + 1]), eight
+    corners.  out_d (P, P, nx, 2) float64 [re, im]; out_w (P, P, nx)."""
+    sy = nx + 2
+    sz = (P + 3) * sy
+    half = np.float64(P // 2 + 1)
+    xmax, ymax = np.float64(nx), np.float64(P + 1)
+    N = group.shape[0]
+    for iz in numba.prange(P):
+        kz = np.float64(iz - P // 2)
+        for iy in range(P):
+            ky = np.float64(iy - P // 2)
+            for ix in range(lengths[iz, iy]):
+                kx = np.float64(ix)
+                tr, ti, tw = 0.0, 0.0, 0.0
+                for n in range(N):
+                    px = group[n, 0, 0] * kx + group[n, 0, 1] * ky + group[n, 0, 2] * kz
+                    py = group[n, 1, 0] * kx + group[n, 1, 1] * ky + group[n, 1, 2] * kz
+                    pz = group[n, 2, 0] * kx + group[n, 2, 1] * ky + group[n, 2, 2] * kz
+                    s = -1.0 if px < 0.0 else 1.0
+                    x = min(max(px * s, 0.0), xmax)
+                    y = min(max(py * s + half, 0.0), ymax)
+                    z = min(max(pz * s + half, 0.0), ymax)
+                    x0, y0, z0 = np.floor(x), np.floor(y), np.floor(z)
+                    fx, fy, fz = x - x0, y - y0, z - z0
+                    base = np.int64(z0) * sz + np.int64(y0) * sy + np.int64(x0)
+                    re, im, w = 0.0, 0.0, 0.0
+                    for dz in range(2):
+                        wz = fz if dz else 1.0 - fz
+                        for dy in range(2):
+                            wzy = wz * (fy if dy else 1.0 - fy)
+                            a = base + dz * sz + dy * sy
+                            c0, c1 = wzy * (1.0 - fx), wzy * fx
+                            re += table[a, 0] * c0 + table[a + 1, 0] * c1
+                            im += table[a, 1] * c0 + table[a + 1, 1] * c1
+                            w += table[a, 2] * c0 + table[a + 1, 2] * c1
+                    tr += re
+                    ti += im * s
+                    tw += w
+                out_d[iz, iy, ix, 0] = tr
+                out_d[iz, iy, ix, 1] = ti
+                out_w[iz, iy, ix] = tw

@@ -40,6 +40,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from mpirefine.backend import array_namespace
+from mpirefine.fourier import compiled
 
 _PHI = (1.0 + 5.0 ** 0.5) / 2.0
 _NAME = re.compile(r"^(?:([CD])([1-9][0-9]*)|(T|O|I|I1|I2))$")
@@ -359,11 +360,23 @@ def symmetrize_accumulator(data, weight, group):
     if data.shape != (P, P, P // 2 + 1) or weight.shape != data.shape:
         raise ValueError(f"expected (P, P, P//2+1) arrays, got {data.shape} and {weight.shape}")
     table = _framed_table(data, weight, xp)
-    strides = ((P + 3) * (nx + 2), nx + 2, 1)
-    out_d = xp.zeros(data.shape, xp.complex128)
-    out_w = xp.zeros(data.shape, xp.float64)
-    flat_d, flat_w = out_d.reshape(-1), out_w.reshape(-1)
     lengths = _sphere_row_lengths(P, nx)
+    if compiled.enabled(xp):                 # NumPy arrays: the compiled loop
+        out_d, out_w = compiled.symmetrize(table, G, lengths, P, nx)
+    else:
+        out_d, out_w = _symmetrize_arrays(table, G, lengths, P, nx, xp)
+    # the sum is Hermitian on kx = 0; halve it there so that folding restores it
+    out_d[:, :, 0] *= 0.5
+    out_w[:, :, 0] *= 0.5
+    return out_d, out_w
+
+
+def _symmetrize_arrays(table, G, lengths, P, nx, xp):
+    """The sums of :func:`symmetrize_accumulator` in array code (any namespace)."""
+    strides = ((P + 3) * (nx + 2), nx + 2, 1)
+    out_d = xp.zeros((P, P, nx), xp.complex128)
+    out_w = xp.zeros((P, P, nx), xp.float64)
+    flat_d, flat_w = out_d.reshape(-1), out_w.reshape(-1)
     Gx = xp.asarray(G)
     for z0, z1 in _slabs(lengths, _SLAB_POINTS):
         index, q = _slab_points(lengths[z0:z1], z0, P, nx, xp)
@@ -375,9 +388,6 @@ def symmetrize_accumulator(data, weight, group):
             at = index[s:s + _CHUNK]
             flat_d[at] = total[:, 0] + 1j * total[:, 1]
             flat_w[at] = total[:, 2]
-    # the sum is Hermitian on kx = 0; halve it there so that folding restores it
-    out_d[:, :, 0] *= 0.5
-    out_w[:, :, 0] *= 0.5
     return out_d, out_w
 
 
