@@ -28,8 +28,9 @@ insertion
     on a GPU the fused insertion kernel's float32 operands (12 bytes per sample).
 symmetrisation (with a point group of more than one operator)
     the accumulators, a framed float64 table of the folded sums (24 bytes per voxel),
-    the two outputs (24 per voxel) and the slab being summed (tens of MB:
-    :func:`mpirefine.geometry.symmetry.symmetrize_accumulator`).  On one or two ranks
+    the two outputs (24 per voxel) and, in the array code, the slab being summed
+    (tens of MB: :func:`mpirefine.geometry.symmetry.symmetrize_accumulator`; NumPy's
+    compiled loop holds none, so the forecast is an upper bound there).  On one or two ranks
     after the pass; on more, in the pass, as each half's sums are complete.
 reconstruction (half maps, the map from all particles, the outputs)
     one or two ranks: each half root holds its half's accumulator and reconstructs it
